@@ -1,0 +1,3 @@
+from groupnorm.cli import main
+
+raise SystemExit(main())

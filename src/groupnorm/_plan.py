@@ -1,0 +1,311 @@
+"""The group normalization contract, resolved once per (shape, arguments).
+
+This module is the only place that validates arguments and raises the contract's errors. It is pure
+Python and imports no array library: every backend and front-end describes its input by a static shape
+(a tuple whose entries are ints, or ``None`` for a dimension only known at run time) and a dtype name,
+and gets back an immutable :class:`Plan` that says how to compute.
+
+How a plan views the input
+--------------------------
+The channel axis ``c`` of size ``C`` is split into ``(groups, C // groups)``. In that *split* view (rank
+``r + 1``) the statistics run over the within-group channel axis and the reduction axes; every other
+axis, including the group axis, is *kept*. Neighbouring split axes that are all reduced, or all kept, are
+merged into one axis of the *statistics view*, so that a backend reduces over as few, as large and as
+contiguous axes as the layout allows. For NCHW input with the default NCHW axes the statistics view is
+``(N * G, C // G * H * W)``; for NHWC it is ``(N, H * W, G, C // G)``.
+
+Statistics computed in the statistics view with ``keepdims`` reshape to :meth:`Plan.stats_shape` (the
+split view with every reduced axis set to 1), which broadcasts against the split view of the input, as
+do per-channel coefficients of :meth:`Plan.coef_shape` and parameters reshaped to :attr:`Plan.param_shape`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, TypeVar
+
+__all__ = [
+    "ACTIVATIONS",
+    "FLOAT_DTYPES",
+    "Activation",
+    "Plan",
+    "make_plan",
+    "resolve_activation",
+]
+
+#: dtype names a plan accepts; every backend maps its own dtype objects to these names.
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+#: activations a backend may fuse, by name. ``"gelu"`` is the exact (erf) form.
+ACTIVATIONS = ("relu", "silu", "gelu")
+
+#: what :func:`resolve_activation` returns: nothing, a fusable name, or the user's callable.
+Activation = str | Callable[[Any], Any] | None
+
+Dim = TypeVar("Dim")
+
+
+def _product(dims: Sequence[Dim]) -> Dim | int:
+    """Product of dims that may be ints or a framework's scalar tensors (kept as such)."""
+    if not dims:
+        return 1
+    result: Any = dims[0]
+    for d in dims[1:]:
+        result = result * d
+    return result  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated group normalization: what to reduce, what to keep, and how to view the input.
+
+    Axis fields are non-negative and refer to the input. Methods that take ``dims`` expect the input's
+    run-time shape (ints, or a framework's scalar tensors for dynamic dimensions) and return tuples
+    suitable for that framework's ``reshape``.
+    """
+
+    shape: tuple[int | None, ...]
+    """The static shape the plan was made for; ``None`` marks a dimension known only at run time."""
+    dtype: str
+    channels_axis: int
+    reduction_axes: tuple[int, ...]
+    """Sorted, non-negative."""
+    kept_axes: tuple[int, ...]
+    """Axes of the input over which statistics are *not* shared, other than the channel axis."""
+    groups: int
+    channels: int
+    epsilon: float
+    mean_close_to_zero: bool
+    view_runs: tuple[tuple[int, int], ...]
+    """Runs ``(start, stop)`` of split-view axes merged into one axis of the statistics view."""
+    view_reduce_axes: tuple[int, ...]
+    """Axes of the statistics view to reduce over."""
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def group_channels(self) -> int:
+        """Channels per group, ``C // G``."""
+        return self.channels // self.groups
+
+    @property
+    def split_reduce_axes(self) -> tuple[int, ...]:
+        """Reduced axes of the split view (rank + 1): the reduction axes and the within-group axis."""
+        c = self.channels_axis
+        shifted = (a if a < c else a + 1 for a in self.reduction_axes)
+        return tuple(sorted((c + 1, *shifted)))
+
+    @property
+    def group_size(self) -> int:
+        """How many elements each mean and variance is taken over."""
+        size = self.group_channels
+        for a in self.reduction_axes:
+            size *= self.shape[a]  # type: ignore[operator]  # reduction dims are static by contract
+        return size
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Where a ``[C]`` parameter reshapes to broadcast against the split view."""
+        c = self.channels_axis
+        return (1,) * c + (self.groups, self.group_channels) + (1,) * (self.rank - c - 1)
+
+    def split_shape(self, dims: Sequence[Dim]) -> tuple[Dim | int, ...]:
+        """The input's shape with the channel axis split into ``(groups, C // groups)``."""
+        c = self.channels_axis
+        return (*dims[:c], self.groups, self.group_channels, *dims[c + 1 :])
+
+    def view_shape(self, dims: Sequence[Dim]) -> tuple[Dim | int, ...]:
+        """Shape of the statistics view: runs of like split axes merged."""
+        split = self.split_shape(dims)
+        return tuple(_product(split[start:stop]) for start, stop in self.view_runs)
+
+    def stats_shape(self, dims: Sequence[Dim]) -> tuple[Dim | int, ...]:
+        """Shape of per-group statistics that broadcast against the split view."""
+        reduced = set(self.split_reduce_axes)
+        return tuple(1 if i in reduced else d for i, d in enumerate(self.split_shape(dims)))
+
+    def coef_shape(self, dims: Sequence[Dim]) -> tuple[Dim | int, ...]:
+        """Shape of per-(kept index, channel) coefficients that broadcast against the split view."""
+        reduced = set(self.split_reduce_axes) - {self.channels_axis + 1}
+        return tuple(1 if i in reduced else d for i, d in enumerate(self.split_shape(dims)))
+
+
+def _axis(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}.")
+    return int(value)
+
+
+def _canonical_axes(reduction_axes: object) -> tuple[int, ...]:
+    if isinstance(reduction_axes, numbers.Integral) and not isinstance(reduction_axes, bool):
+        return (int(reduction_axes),)
+    if isinstance(reduction_axes, str | bytes) or not isinstance(reduction_axes, Sequence):
+        raise TypeError(
+            "reduction_axes must be an int or a sequence of ints, "
+            f"got {reduction_axes!r} of type {type(reduction_axes).__name__}."
+        )
+    return tuple(_axis(a, "each of reduction_axes") for a in reduction_axes)
+
+
+def _canonical_shape(shape: object, name: str) -> tuple[int | None, ...] | None:
+    if shape is None:
+        return None
+    try:
+        dims: tuple[Any, ...] = tuple(shape)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of dimensions, got {shape!r}.") from None
+    out: list[int | None] = []
+    for d in dims:
+        if d is None:
+            out.append(None)
+        elif isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 0:
+            out.append(int(d))
+        else:
+            raise TypeError(f"{name} must hold non-negative ints or None, got {shape!r}.")
+    return tuple(out)
+
+
+def make_plan(
+    shape: Sequence[int | None] | None,
+    dtype: str,
+    *,
+    groups: int = 32,
+    channels_axis: int = -1,
+    reduction_axes: int | Sequence[int] = (-3, -2),
+    epsilon: float = 1e-6,
+    mean_close_to_zero: bool = False,
+    gamma_shape: Sequence[int | None] | None = None,
+    beta_shape: Sequence[int | None] | None = None,
+) -> Plan:
+    """Validate group normalization arguments for an input and resolve them into a :class:`Plan`.
+
+    ``shape`` is the input's static shape (``None`` for an unknown rank, ``None`` entries for dynamic
+    dimensions) and ``dtype`` its dtype's name (``"float32"``, ``"bfloat16"``, ...). ``gamma_shape`` and
+    ``beta_shape`` are the parameters' shapes where parameters are given.
+
+    Raises ``TypeError`` for arguments of the wrong type and ``ValueError`` for wrong values, with the
+    phrases of TensorFlow 1.15's ``group_norm`` where it had one. Plans are cached.
+    """
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be given by name, got {dtype!r}.")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be a positive int, got {groups!r} of type {type(groups).__name__}.")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a real number, got {epsilon!r} of type {type(epsilon).__name__}.")
+    if not isinstance(mean_close_to_zero, bool):
+        raise TypeError(f"mean_close_to_zero must be a bool, got {mean_close_to_zero!r}.")
+    return _make_plan(
+        _canonical_shape(shape, "shape"),
+        dtype,
+        int(groups),
+        _axis(channels_axis, "channels_axis"),
+        _canonical_axes(reduction_axes),
+        float(epsilon),
+        bool(mean_close_to_zero),
+        _canonical_shape(gamma_shape, "gamma's shape"),
+        _canonical_shape(beta_shape, "beta's shape"),
+    )
+
+
+@lru_cache(maxsize=512)
+def _make_plan(
+    shape: tuple[int | None, ...] | None,
+    dtype: str,
+    groups: int,
+    channels_axis: int,
+    reduction_axes: tuple[int, ...],
+    epsilon: float,
+    mean_close_to_zero: bool,
+    gamma_shape: tuple[int | None, ...] | None,
+    beta_shape: tuple[int | None, ...] | None,
+) -> Plan:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"group normalization needs a floating-point input ({', '.join(sorted(FLOAT_DTYPES))}), got {dtype}."
+        )
+    if shape is None:
+        raise ValueError("Input has undefined rank.")
+    rank = len(shape)
+
+    def in_bounds(axis: int, name: str) -> int:
+        if not -rank <= axis < rank:
+            raise ValueError(f"Axis is out of bounds. {name}={axis} for an input of rank {rank}.")
+        return axis % rank
+
+    c = in_bounds(channels_axis, "channels_axis")
+    channels = shape[c]
+    if channels is None:
+        raise ValueError(f"Input has undefined channel dimension: axis {c}.")
+
+    axes = tuple(in_bounds(a, "reduction_axes") for a in reduction_axes)
+    for given, a in zip(reduction_axes, axes, strict=True):
+        if shape[a] is None:
+            raise ValueError(f"Input has undefined dimensions along reduction axis {given}.")
+        if a == c:
+            raise ValueError(
+                "reduction_axis must be mutually exclusive with channels_axis: "
+                f"both name axis {c} of an input of rank {rank}."
+            )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"reduction_axes name the same axis twice: {reduction_axes} for rank {rank}.")
+
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups}.")
+    if groups > channels:
+        raise ValueError(f"Invalid groups {groups} for {channels} channels.")
+    if channels % groups:
+        raise ValueError(f"{channels} channels is not commensurate with {groups} groups.")
+
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}.")
+
+    for name, pshape in (("gamma", gamma_shape), ("beta", beta_shape)):
+        if pshape is not None and pshape != (channels,):
+            shown = list(pshape)
+            raise ValueError(f"{name} must have shape [{channels}] (one value per channel), got {shown}.")
+
+    reduced = set(axes)
+    kept = tuple(a for a in range(rank) if a != c and a not in reduced)
+    split_reduced = [a in reduced for a in range(c)] + [False, True] + [a in reduced for a in range(c + 1, rank)]
+    runs: list[tuple[int, int]] = []
+    for i, is_reduced in enumerate(split_reduced):
+        if runs and split_reduced[runs[-1][0]] == is_reduced:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    view_reduce = tuple(j for j, (start, _) in enumerate(runs) if split_reduced[start])
+
+    return Plan(
+        shape=shape,
+        dtype=dtype,
+        channels_axis=c,
+        reduction_axes=tuple(sorted(axes)),
+        kept_axes=kept,
+        groups=groups,
+        channels=channels,
+        epsilon=epsilon,
+        mean_close_to_zero=mean_close_to_zero,
+        view_runs=tuple(runs),
+        view_reduce_axes=view_reduce,
+    )
+
+
+def resolve_activation(activation: object) -> Activation:
+    """Validate an activation: ``None``, a callable, or one of :data:`ACTIVATIONS` by name."""
+    if activation is None or callable(activation):
+        return activation  # type: ignore[return-value]
+    if isinstance(activation, str):
+        name = activation.lower()
+        if name in ACTIVATIONS:
+            return name
+        raise ValueError(f"Unknown activation {activation!r}; use a callable or one of {', '.join(ACTIVATIONS)}.")
+    raise TypeError(
+        f"activation must be None, a callable or one of {', '.join(ACTIVATIONS)}; "
+        f"got {activation!r} of type {type(activation).__name__}."
+    )

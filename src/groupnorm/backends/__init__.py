@@ -1,0 +1,1 @@
+"""Executors of a plan, one module per array library."""
