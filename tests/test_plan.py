@@ -170,3 +170,12 @@ def test_parameters_without_shape_are_refused():
     x = np.ones((2, 4), np.float32)
     with pytest.raises(TypeError, match=r"gamma must be an array of shape"):
         groupnorm.group_norm(x, 2, reduction_axes=(), gamma=[1.0] * 4)
+
+
+def test_docstring_example():
+    import doctest
+
+    import groupnorm._api
+
+    failures, tried = doctest.testmod(groupnorm._api, raise_on_error=False, verbose=False)
+    assert tried > 0 and failures == 0
