@@ -10,12 +10,12 @@ from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = sys.argv[1]
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import groupnorm.numpy as gnp  # noqa: E402
-from groupnorm.keras import GroupNormalization  # noqa: E402
-from support import hard_data, reference_group_norm  # noqa: E402
+import groupnorm.numpy as gnp
+from groupnorm.keras import GroupNormalization
+from support import hard_data, reference_group_norm
 
 BACKEND = sys.argv[1]
 assert keras.backend.backend() == BACKEND, keras.backend.backend()

@@ -94,11 +94,11 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
     def _plan(self, shape: Sequence[int | None] | None, dtype: str) -> Plan:
         """The validated plan for an input of ``shape``: the only place arguments are checked."""
         rank = None if shape is None else len(shape)
-        groups = self.groups
+        groups: Any = self.groups
         reduction_axes: Any = self.reduction_axes
-        if rank is not None and isinstance(self.axis, int) and not isinstance(self.axis, bool):
-            if groups == -1 and -rank <= self.axis < rank:
-                groups = shape[self.axis]  # type: ignore[index]
+        if shape is not None and rank is not None and isinstance(self.axis, int) and not isinstance(self.axis, bool):
+            if groups == -1 and -rank <= self.axis < rank and shape[self.axis] is not None:
+                groups = shape[self.axis]
             if reduction_axes is None:
                 channel = self.axis % rank if -rank <= self.axis < rank else None
                 reduction_axes = tuple(a for a in range(1, rank) if a != channel)
@@ -107,7 +107,7 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
         return make_plan(
             shape,
             dtype,
-            groups=groups,  # type: ignore[arg-type]
+            groups=groups,
             channels_axis=self.axis,
             reduction_axes=reduction_axes,
             epsilon=self.epsilon,
