@@ -8,7 +8,7 @@ float64 input); the output has the input's dtype.
 Numerics, as in the NumPy reference: the default mode subtracts a per-group shift ``K`` close to the
 group's mean, accumulates the sum and the sum of squares of ``x - K`` and forms the output as
 ``(x - K) * scale + offset``, which is exact to float32 rounding however large the mean is against the
-spread. ``K`` is found cheaply: for large groups it is the mean of a sixteenth of the group; when that
+spread. ``K`` is found cheaply: for large groups it is the mean of a 64th of the group; when that
 turns out to be far from the group's mean (further than one standard deviation, which only unusual data
 does) the sums are taken again around the mean just found, so accuracy never depends on the data's
 layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
@@ -44,9 +44,9 @@ NAME = "jax"
 __all__ = ["execute", "group_norm"]
 
 #: groups at least this large take their shift from a sample of the group (see the module docstring).
-SAMPLE_MIN_GROUP = 4096
+SAMPLE_MIN_GROUP = 8192
 #: the sample is the first 1/SAMPLE_FRACTION of the outermost reduced axis of the statistics view.
-SAMPLE_FRACTION = 16
+SAMPLE_FRACTION = 64
 
 Moments = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -202,6 +202,14 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
     return cast(Callable[[jax.Array], Moments], stats)
 
 
+def _clear_last_bit(values: jax.Array) -> jax.Array:
+    """``values`` with the lowest mantissa bit cleared: within one unit in the last place, and the
+    difference is exact in floating point."""
+    uint = jnp.uint64 if values.dtype == jnp.float64 else jnp.uint32
+    bits = jax.lax.bitcast_convert_type(values, uint)
+    return jax.lax.bitcast_convert_type(bits & ~jnp.asarray(1, uint), values.dtype)
+
+
 def to_channels(per_group: jax.Array, plan: Plan) -> jax.Array:
     """Per-group statistics (groups on :func:`_layout`'s channel axis) repeated for each channel."""
     if per_group.ndim == 0:
@@ -275,12 +283,20 @@ def _run(
     scale = to_channels(rstd, plan)
     if gamma is not None:
         scale = scale * gamma.astype(work).reshape(param_shape)
-    offset = -to_channels(mean, plan) * scale
+    if plan.mean_close_to_zero:
+        centered, mean_here = xv, mean
+    else:
+        # The output's own shift: the statistics' shift with its last mantissa bit cleared. The two
+        # differ by an exactly representable amount, folded into the mean below, so the result is the
+        # same; but being a different value, XLA fuses each use of ``x - shift`` into its own pass
+        # (forward statistics, output, and under autodiff the backward reductions) instead of sharing
+        # one and writing it to memory.
+        near = _clear_last_bit(shift)
+        centered = xv - to_channels(near, plan)
+        mean_here = (shift - near) + mean
+    offset = -to_channels(mean_here, plan) * scale
     if beta is not None:
         offset = offset + beta.astype(work).reshape(param_shape)
-    # x - shift, spelled unlike the statistics' spellings (see _moments_fn) so that under autodiff
-    # XLA fuses it into the backward reduction that needs it rather than writing it out.
-    centered = xv if plan.mean_close_to_zero else -((-xv) + to_channels(shift, plan))
     y = centered * scale + offset
     return _activate(y, activation).astype(x.dtype).reshape(dims)
 
