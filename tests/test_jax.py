@@ -64,14 +64,14 @@ def test_named_configs_float32(name: str) -> None:
     np.testing.assert_allclose(np.asarray(y), cfg.reference(a["x"], a["gamma"], a["beta"]), atol=2e-6)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(configs())
 def test_random_configs_values_and_gradients_float64(cfg: Config) -> None:
     with jax.enable_x64(True):
         _check_against_numpy(cfg, cfg.arrays(np.float64, mean_over_std=3.0), rtol=1e-8, atol=1e-8)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(configs())
 def test_random_configs_float32(cfg: Config) -> None:
     # the one-pass sums of mean_close_to_zero=True are only accurate where the mean is small
