@@ -91,6 +91,11 @@ def test_large_groups_use_a_sampled_shift() -> None:
     assert jax_backend._sample_axis(plan, layout, layout.shape(LARGE.shape)) is not None
     with jax.enable_x64(True):
         _check_against_numpy(LARGE, LARGE.arrays(np.float64), rtol=1e-9, atol=1e-9)
+        # and where the sample is far from the group's mean, so the sums are taken a second time
+        far = LARGE.arrays(np.float64, mean_over_std=50.0)
+        assert far["x"] is not None
+        far["x"][:, :2] = -200.0
+        _check_against_numpy(LARGE, far, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])

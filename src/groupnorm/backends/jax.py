@@ -14,9 +14,9 @@ does) the sums are taken again around the mean just found, so accuracy never dep
 layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
 
 Statistics across devices: with ``axis_name`` (inside ``shard_map`` or ``pmap``) each device's input is
-one shard of the groups' elements. The shift is then the devices' agreed mean of their local means
-(``pmean``), and the shifted sums are added over devices (``psum``), so the result and its gradients are
-those of the unsharded input, with the same stability.
+one shard of the groups' elements. The shift is then the mean over all shards (their sums and counts
+added with ``psum``), the same on every device, and the shifted sums are added over devices too, so the
+result and its gradients are those of the unsharded input, with the same stability.
 
 The statistics carry a hand-written forward-mode derivative (``jax.custom_jvp``): the mean's tangent is
 the mean of the input's tangent and the variance's is ``2 * mean((x - mean) * dx)``. JAX transposes it
@@ -45,7 +45,8 @@ __all__ = ["execute", "group_norm"]
 
 #: groups at least this large take their shift from a sample of the group (see the module docstring).
 SAMPLE_MIN_GROUP = 8192
-#: the sample is the first 1/SAMPLE_FRACTION of the outermost reduced axis of the statistics view.
+#: the sample is the first 1/SAMPLE_FRACTION of the first reduced axis (of at least that many elements)
+#: of the backend's view of the input (see ``_layout``).
 SAMPLE_FRACTION = 64
 
 Moments = tuple[jax.Array, jax.Array, jax.Array]
@@ -143,9 +144,7 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
 
         The two spell ``x - shift`` differently (``x + (-shift)`` and ``shift - x``, equal in floating
         point up to sign) on purpose: XLA would otherwise share one ``x - shift`` between both
-        reductions and the output and write it to memory, instead of fusing it into each of them. The
-        barrier keeps XLA from merging the per-channel reduction with the per-group one after it,
-        which compiles to a much slower reduction.
+        reductions and write it to memory, instead of fusing it into each of them.
         """
         if shift is None:
             s1, s2 = jnp.sum(xv, axis=axes, keepdims=True), jnp.sum(jnp.square(xv), axis=axes, keepdims=True)
@@ -153,7 +152,6 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
             sc = to_channels(shift, plan)
             s1 = jnp.sum(xv + (-sc), axis=axes, keepdims=True)
             s2 = jnp.sum(jnp.square(sc - xv), axis=axes, keepdims=True)
-        s1, s2 = jax.lax.optimization_barrier((s1, s2))  # type: ignore[no-untyped-call]
         return total(per_group(s1)), total(per_group(s2))
 
     def moments(xv: jax.Array) -> Moments:
