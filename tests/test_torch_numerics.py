@@ -21,7 +21,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The same values in several memory layouts: contiguous, channels-last, and strided views."""
-    wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    wide = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)
     wide[..., ::2] = x
     flipped = x.transpose(2, 3).contiguous().transpose(2, 3)
     return {
@@ -209,21 +209,21 @@ def test_non_floating_inputs(dtype: torch.dtype) -> None:
 
 
 def test_front_end_errors() -> None:
-    with pytest.raises(ValueError, match="6 channels is not commensurate with 4 groups."):
+    with pytest.raises(ValueError, match=r"6 channels is not commensurate with 4 groups\."):
         gt.GroupNorm(4, 6)
-    with pytest.raises(ValueError, match="Invalid groups 8 for 6 channels."):
+    with pytest.raises(ValueError, match=r"Invalid groups 8 for 6 channels\."):
         gt.GroupNorm(8, 6)
     with pytest.raises(ValueError, match="epsilon must be"):
         gt.GroupNorm(2, 6, eps=-1)
     with pytest.raises(ValueError, match="Unknown activation"):
         gt.GroupNorm(2, 6, activation="swish")
-    with pytest.raises(ValueError, match="weight|gamma must have shape"):
+    with pytest.raises(ValueError, match=r"gamma must have shape \[4\]"):
         gt.GroupNorm(2, 6)(torch.zeros(2, 4, 3, 3))
-    with pytest.raises(ValueError, match="Axis is out of bounds."):
+    with pytest.raises(ValueError, match=r"Axis is out of bounds\."):
         gt.group_norm(torch.zeros(2, 4), 2, channels_axis=2)
     with pytest.raises(ValueError, match="reduction_axis must be mutually exclusive"):
         gt.group_norm(torch.zeros(2, 4, 3), 2, reduction_axes=(1,))
-    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor"):
         gt.group_norm(np.zeros((2, 4)), 2)  # type: ignore[arg-type]
 
 
