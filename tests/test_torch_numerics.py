@@ -233,3 +233,28 @@ def test_empty_inputs() -> None:
         y = gt.group_norm(x, 2)
         assert y.shape == x.shape
         y.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "kwargs"),
+    [
+        ("contiguous", lambda x: x, {}),
+        ("large-mean", lambda x: x + 1e4, {}),
+        ("channels-last", lambda x: x.contiguous(memory_format=torch.channels_last), {}),
+        ("channels-last-silu", lambda x: x.contiguous(memory_format=torch.channels_last), {"activation": "silu"}),
+        ("nhwc", lambda x: x.permute(0, 2, 3, 1).contiguous(), {"channels_axis": -1, "reduction_axes": (1, 2)}),
+        ("float16", lambda x: x.half(), {}),
+    ],
+)
+def test_no_grad_forward_allocates_only_its_output(name: str, make: object, kwargs: dict[str, object]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make(torch.randn(4, 64, 32, 32))  # type: ignore[operator]
+    m = gt.GroupNorm(32, 64, **kwargs)  # type: ignore[arg-type]
+    with torch.no_grad():
+        m(x)  # the first call may set up the (block-sized, reused) scratch buffers
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = m(x)
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+    output = y.numel() * y.element_size()
+    assert allocated - output < x.numel() * x.element_size() / 4, (name, allocated, output)

@@ -336,20 +336,24 @@ def blocked_forward(
     rstd = torch.empty(bk.coef, dtype=bk.work, device=x.device)
     g, b = bk.param(gamma), bk.param(beta)
     buf = bk.scratch(0)
-    tmp = None if bk.same or shift is None else bk.scratch(1)
+    tmp = None if bk.same else bk.scratch(1)
     for block in bk.blocks:
         xc, oc = xv[block], ov[block]
-        if shift is None:
-            z = xc if bk.same else xc.to(bk.work)
+        if tmp is not None:  # a half-precision block, widened in scratch (copy_ casts without a temporary)
+            z = tmp[: xc.numel()].view(xc.shape).copy_(xc)
+            if shift is not None:
+                z.sub_(shift[block])
+        elif shift is None:
+            z = xc
         else:
-            z = torch.sub(xc, shift[block], out=oc if tmp is None else tmp[: xc.numel()].view(xc.shape))
+            z = torch.sub(xc, shift[block], out=oc)
         m = bk.group_sum(bk.rsum(z)).div_(n)
         var = bk.group_sum(bk.sum_of_squares(z, buf)).div_(n).sub_(m * m).clamp_(min=0)
         r = var.add_(plan.epsilon).rsqrt_()
         gc, bc = bk.param_block(g, block), bk.param_block(b, block)
         scale = r if gc is None else r * gc
         offset = -m * scale if bc is None else bc - m * scale
-        if z.data_ptr() == oc.data_ptr() or not (bk.same or shift is None):
+        if z.data_ptr() == oc.data_ptr() or tmp is not None:
             y = bk.scale_shift_(z, scale, offset)
         else:
             y = torch.mul(z, scale, out=oc).add_(offset)
@@ -402,10 +406,10 @@ def blocked_backward(
             assert dxv is not None
             scratch = dxv[block]
         # z = x - K in the work dtype
-        if shift is None:
-            z = xc if bk.same else torch.sub(xc, 0, out=scratch)
+        if bk.same:
+            z = xc if shift is None else torch.sub(xc, shift[block], out=scratch)
         else:
-            z = torch.sub(xc, shift[block], out=scratch)
+            z = scratch.copy_(xc) if shift is None else scratch.copy_(xc).sub_(shift[block])
         d = dyc if dyc.dtype == bk.work else dyc.to(bk.work)
         if activation is not None:
             scale = r if gc is None else r * gc
@@ -484,10 +488,18 @@ def _native_forward(
     order, unsqueezed, xn = found
     n, c = int(xn.shape[0]), int(xn.shape[1])
     hxw = math.prod(int(d) for d in xn.shape[2:])
+    check = not plan.mean_close_to_zero and x.dtype == torch.float32
+    if check and hxw > 1:
+        # A look at each group's leading corner first: where even it shows a mean far from zero
+        # against its spread, go straight to the exact path instead of computing twice.
+        corner = _corner(xn, range(2, xn.dim())).reshape(n, plan.groups, -1)
+        var, mean = torch.var_mean(corner, dim=-1, correction=0)
+        if not bool((mean.abs() <= NATIVE_MEAN_BOUND * 2 * var.sqrt()).all()):
+            return None
     w = None if gamma is None else gamma.detach().to(x.dtype)
     b = None if beta is None else beta.detach().to(x.dtype)
     y, mean, rstd = torch.native_group_norm(xn, w, b, n, c, hxw, plan.groups, plan.epsilon)
-    if not plan.mean_close_to_zero and x.dtype == torch.float32:
+    if check:
         worst = (mean.abs() * rstd).max()
         if not bool(worst <= NATIVE_MEAN_BOUND):  # NaN fails too: the exact path decides then
             return None
