@@ -492,7 +492,10 @@ def _native_forward(
     if check and hxw > 1:
         # A look at each group's leading corner first: where even it shows a mean far from zero
         # against its spread, go straight to the exact path instead of computing twice.
-        corner = _corner(xn, range(2, xn.dim())).reshape(n, plan.groups, -1)
+        corner = xn
+        for d in range(2, xn.dim() - 1):
+            corner = corner.narrow(d, 0, 1)
+        corner = corner.narrow(-1, 0, min(_SHIFT_SAMPLE, int(xn.shape[-1]))).reshape(n, plan.groups, -1)
         var, mean = torch.var_mean(corner, dim=-1, correction=0)
         if not bool((mean.abs() <= NATIVE_MEAN_BOUND * 2 * var.sqrt()).all()):
             return None
