@@ -13,6 +13,7 @@ from tf_slim.layers import layers as slim_layers
 from tf_slim.layers import normalization as slim_normalization
 
 import groupnorm.tf1
+from groupnorm.backends import tensorflow as tf_backend
 from support import Config, hard_data, reference_group_norm
 
 v1 = tf.compat.v1
@@ -45,9 +46,12 @@ def _initializers(channels: int, seed: int, dtype: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("shape", "kwargs"), DIFF_CONFIGS)
-def test_values_and_gradients_match_tf_slim(shape: tuple[int, ...], kwargs: dict[str, Any]) -> None:
-    for dtype in (np.float32, np.float64):
-        _compare_with_tf_slim(shape, kwargs, dtype)
+def test_values_and_gradients_match_tf_slim(
+    shape: tuple[int, ...], kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _compare_with_tf_slim(shape, kwargs, np.float32)  # the default, XLA-compiled path
+    monkeypatch.setattr(tf_backend, "JIT_COMPILE", False)
+    _compare_with_tf_slim(shape, kwargs, np.float64)  # and the plain TensorFlow one
 
 
 def _compare_with_tf_slim(shape: tuple[int, ...], kwargs: dict[str, Any], dtype: Any) -> None:
