@@ -19,6 +19,7 @@ default (:data:`JIT_COMPILE`), with a hand-written gradient:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -32,6 +33,11 @@ try:
     from tensorflow.compiler.tf2xla.python.xla import optimization_barrier as _optimization_barrier
 except ImportError:  # pragma: no cover - present in every TensorFlow this package supports
     _optimization_barrier = None
+else:
+    # the barrier is an identity: let gradients through it (higher-order gradients differentiate the
+    # hand-written gradient, which uses it); TensorFlow or another library may have registered it
+    with contextlib.suppress(KeyError):
+        tf.RegisterGradient("XlaOptimizationBarrier")(lambda op, *grads: list(grads))
 
 NAME = "tensorflow"
 
@@ -149,15 +155,19 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
         beta = tf.reshape(tf.cast(next(it), work), plan.param_shape) if has_beta else None
         return gamma, beta
 
-    def forward(x: tf.Tensor, *params: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
+    def prepare(x: tf.Tensor, params: Sequence[tf.Tensor]) -> tuple[Any, ...]:
         work = _work_dtype(x.dtype)
         dims = _dims(x)
         shift, mean, rstd = statistics(x, work)
         gamma, beta = split_params(params, work)
-        scale = rstd if gamma is None else rstd * gamma
-        offset = -mean * scale if beta is None else beta - mean * scale
         xs = tf.cast(tf.reshape(x, plan.split_shape(dims)), work)
         centered = xs if shift is None else xs - shift
+        return work, dims, mean, rstd, gamma, beta, centered
+
+    def forward(x: tf.Tensor, *params: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
+        work, dims, mean, rstd, gamma, beta, centered = prepare(x, params)
+        scale = rstd if gamma is None else rstd * gamma
+        offset = -mean * scale if beta is None else beta - mean * scale
         y = tf.reshape(tf.cast(_activate(activation, centered * scale + offset), x.dtype), dims)
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, ...]:
