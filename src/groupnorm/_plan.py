@@ -25,7 +25,6 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, TypeVar
 
 __all__ = [
@@ -200,7 +199,7 @@ def make_plan(
         raise TypeError(f"epsilon must be a real number, got {epsilon!r} of type {type(epsilon).__name__}.")
     if not isinstance(mean_close_to_zero, bool):
         raise TypeError(f"mean_close_to_zero must be a bool, got {mean_close_to_zero!r}.")
-    return _make_plan(
+    key = (
         _canonical_shape(shape, "shape"),
         dtype,
         int(groups),
@@ -211,9 +210,20 @@ def make_plan(
         _canonical_shape(gamma_shape, "gamma's shape"),
         _canonical_shape(beta_shape, "beta's shape"),
     )
+    # A plain dict rather than functools.lru_cache: graph tracers (torch.compile) follow a dict lookup
+    # without warnings, and every key is already canonical (plain ints, tuples, str, float, bool).
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(*key)
+    return plan
 
 
-@lru_cache(maxsize=512)
+_PLANS: dict[tuple[Any, ...], Plan] = {}
+_MAX_PLANS = 1024
+
+
 def _make_plan(
     shape: tuple[int | None, ...] | None,
     dtype: str,
