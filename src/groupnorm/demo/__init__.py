@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 #: Default size of the run, and the size of ``--quick``: (synthetic images, epochs).
-DEFAULT = (6000, 8)
+DEFAULT = (3000, 10)
 QUICK = (1000, 2)
 
 

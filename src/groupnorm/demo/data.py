@@ -32,7 +32,7 @@ class Dataset:
     description: str
 
 
-def synthetic_images(n: int, *, size: int = 16, noise: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_images(n: int, *, size: int = 16, noise: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` grayscale ``size x size`` images of the eight :data:`SHAPES`, deterministic for a given seed.
 
     The class is the shape alone. Everything else is a nuisance that varies per image: position, size and
@@ -71,7 +71,7 @@ def synthetic_images(n: int, *, size: int = 16, noise: float = 0.6, seed: int = 
     theta, freq, phase = per_image(0, np.pi), per_image(1.5, 4.5), per_image(0, 2 * np.pi)
     stripes = np.sin(freq * np.pi * (np.cos(theta) * gx + np.sin(theta) * gy) + phase)
     clean = shape + per_image(0.0, 0.3) * stripes
-    gain = np.exp(per_image(np.log(0.25), np.log(4.0)))  # contrast, 16x range
+    gain = np.exp(per_image(np.log(0.5), np.log(2.0)))  # contrast, 4x range
     offset = per_image(-2.0, 2.0)  # brightness
     images = offset + gain * (clean + noise * rng.standard_normal((n, size, size)))
     return images[:, None].astype(np.float32), labels.astype(np.int64)
@@ -92,7 +92,7 @@ def split(images: np.ndarray, labels: np.ndarray, *, val_fraction: float, seed: 
     return Dataset(x[train], labels[train], x[val], labels[val], int(labels.max()) + 1, description)
 
 
-def synthetic(n: int, *, noise: float = 0.6, seed: int = 0) -> Dataset:
+def synthetic(n: int, *, noise: float = 0.3, seed: int = 0) -> Dataset:
     """The default data set: ``n`` synthetic images (see :func:`synthetic_images`), a quarter held out."""
     images, labels = synthetic_images(n, noise=noise, seed=seed)
     description = f"synthetic shapes: {n} grayscale 16x16 images, {len(SHAPES)} classes (seed {seed})"
