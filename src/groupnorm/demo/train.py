@@ -37,7 +37,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class Net(nn.Module):
-    """Three 3x3 conv -> norm -> ReLU stages (16, 32, 64 channels; the last two stride 2), pool, linear."""
+    """Three 3x3 conv -> norm -> ReLU stages (16, 32, 64 channels; the last two stride 2), then linear."""
 
     def __init__(self, kind: str, in_channels: int, classes: int, widths: tuple[int, ...] = (16, 32, 64)) -> None:
         super().__init__()
@@ -46,7 +46,8 @@ class Net(nn.Module):
             stride = 1 if i == 0 else 2
             layers += [nn.Conv2d(in_channels, width, 3, stride, 1, bias=False), norm_layer(kind, width), nn.ReLU()]
             in_channels = width
-        self.features = nn.Sequential(*layers, nn.Flatten())
+        # 16x16 images are 4x4 here already; other sizes are pooled to 4x4
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
         self.classifier = nn.Linear(in_channels * 16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,8 @@ def train_and_evaluate(
 
     Every run starts from the same weights (the convolutions and the classifier are drawn from ``seed``)
     and sees the training images in the same per-epoch orders. The learning rate warms up linearly to
-    ``schedule.lr(batch)`` over the first epoch and decays to zero along a cosine. ``progress(steps)`` is called as training advances.
+    ``schedule.lr(batch)`` over the first epoch and decays to zero along a cosine. ``progress(steps)`` is
+    called as training advances.
     """
     train_x, train_y, val_x, val_y = (torch.from_numpy(a) for a in data)
     torch.manual_seed(seed)
@@ -120,6 +122,7 @@ BATCHES = (32, 16, 8, 4, 2)
 
 def run_all(dataset: Dataset, *, epochs: int, seed: int, threads: int) -> dict[str, Any]:
     """Train every (normalization, batch size) pair with rich progress bars; the results as a JSON-ready dict."""
+    torch.set_num_threads(threads)
     schedule = Schedule(epochs)
     arrays = (dataset.train_x, dataset.train_y, dataset.val_x, dataset.val_y)
     errors: dict[str, dict[str, float]] = {kind: {} for kind in NORMS}
@@ -130,7 +133,6 @@ def run_all(dataset: Dataset, *, epochs: int, seed: int, threads: int) -> dict[s
     with Progress(*columns) as progress:
         overall = progress.add_task("all 20 trainings", total=len(NORMS) * sum(steps.values()))
         for batch in BATCHES:
-            torch.set_num_threads(threads if batch >= 16 else 1)  # tiny batches run faster on one thread
             for kind in NORMS:
                 task = progress.add_task(f"{NORM_NAMES[kind]}, batch {batch}", total=steps[batch])
 
@@ -149,8 +151,8 @@ def run_all(dataset: Dataset, *, epochs: int, seed: int, threads: int) -> dict[s
         "train_samples": len(dataset.train_y),
         "val_samples": len(dataset.val_y),
         "epochs": epochs,
-        "learning_rate": f"{schedule.base_lr} * batch / 32, 1 epoch warm-up, cosine to 0; SGD momentum {schedule.momentum}, "
-        f"weight decay {schedule.weight_decay}",
+        "learning_rate": f"{schedule.base_lr} * batch / 32, 1 epoch warm-up, cosine to 0",
+        "optimizer": f"SGD, momentum {schedule.momentum}, weight decay {schedule.weight_decay}",
         "seed": seed,
         "threads": threads,
         "groupnorm_groups": GROUPS,
