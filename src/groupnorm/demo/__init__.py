@@ -18,7 +18,7 @@ from pathlib import Path
 
 #: Default size of the run, and the size of ``--quick``: (synthetic images, epochs).
 DEFAULT = (3000, 10)
-QUICK = (1000, 2)
+QUICK = (800, 2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
