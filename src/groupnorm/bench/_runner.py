@@ -9,6 +9,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,7 +283,9 @@ def _accuracy_row(framework: str, case: AccuracyCase, c: Candidate, ref: np.ndar
     if c.status != "ok" or c.output is None:
         return row
     try:
-        y = np.asarray(c.output())
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            y = np.asarray(c.output())
     except Exception as e:
         row.update(status="error", detail=describe_error(e))
         return row
