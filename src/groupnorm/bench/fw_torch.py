@@ -38,7 +38,7 @@ def build(data: Data) -> list[Candidate]:
         fns: dict[str, Callable[[Any], Any]] = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}
         return fns[spec.activation]
 
-    def parts(module: Any, x: Any, dy: Any, apply: Callable[[Any], Any], to_nchw: Callable[[Any], Any]) -> Parts:
+    def parts(module: Any, x: Any, dy: Any, apply: Callable[[Any], Any]) -> Parts:
         import torch
 
         module = module.to(x.dtype)
@@ -55,7 +55,7 @@ def build(data: Data) -> list[Candidate]:
 
         def output() -> Array:
             with torch.no_grad():
-                y = to_nchw(apply(x))
+                y = apply(x)
             return spec.from_layout(y.numpy(), "NCHW")
 
         return forward, train, output
@@ -66,7 +66,7 @@ def build(data: Data) -> list[Candidate]:
 
             m = GroupNorm(groups, channels, eps=spec.epsilon, activation=spec.activation)
             x, dy = inputs(channels_last)
-            return parts(m, x, dy, m, lambda y: y)
+            return parts(m, x, dy, m)
 
         return factory
 
@@ -85,10 +85,10 @@ def build(data: Data) -> list[Candidate]:
         perm = (0, *range(2, rank), 1)
         inv = (0, rank - 1, *range(1, rank - 1))
 
-        def apply(t: Any) -> Any:
-            return m(t.permute(perm))
+        def apply(t: Any) -> Any:  # NCHW (channels_last) in and out: the permutes are views
+            return m(t.permute(perm)).permute(inv)
 
-        return parts(m, x, dy, apply, lambda y: y.permute(inv))
+        return parts(m, x, dy, apply)
 
     def torch_parts(channels_last: bool) -> Callable[[], Parts]:
         def factory() -> Parts:
@@ -97,7 +97,7 @@ def build(data: Data) -> list[Candidate]:
             m = torch.nn.GroupNorm(groups, channels, eps=spec.epsilon)
             act = activation()
             x, dy = inputs(channels_last)
-            return parts(m, x, dy, lambda t: act(m(t)), lambda y: y)
+            return parts(m, x, dy, lambda t: act(m(t)))
 
         return factory
 
