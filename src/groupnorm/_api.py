@@ -117,6 +117,22 @@ def group_norm(
     Raises:
         TypeError: for an unsupported array type, a non-floating input, or arguments of the wrong type.
         ValueError: for the contract's errors (see the README), before any computation.
+
+    Example: an NHWC batch of 2 images, 4 x 4 pixels, 6 channels in 3 groups. Each statistic runs
+    over one image's 4 x 4 pixels and 2 channels (32 values); the batch axis is kept.
+
+    >>> import numpy as np
+    >>> x = np.arange(2 * 4 * 4 * 6, dtype=np.float64).reshape(2, 4, 4, 6) ** 1.5
+    >>> y = group_norm(x, groups=3)
+    >>> blocks = y.reshape(2, 16, 3, 2)          # (batch, pixels, group, channel in group)
+    >>> bool(np.allclose(blocks.mean(axis=(1, 3)), 0))   # one mean per (image, group)
+    True
+    >>> np.round(blocks.std(axis=(1, 3)), 4)     # sqrt(var / (var + epsilon))
+    array([[1., 1., 1.],
+           [1., 1., 1.]])
+
+    The same statistics on NCHW input: ``group_norm(x.transpose(0, 3, 1, 2), 3, channels_axis=1,
+    reduction_axes=(2, 3))``; without a batch axis the defaults still read (H, W, C) correctly.
     """
     backend = backend_for(inputs)
     plan = plan_for(
