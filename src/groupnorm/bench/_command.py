@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -205,6 +206,7 @@ def load(paths: Sequence[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log would bury the tables
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else None
     if args.load:
         try:
