@@ -336,36 +336,36 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
 
     bars = [(_label(run, c), c["ratio"], c["peer"]) for run in doc["runs"] for c in run["comparisons"] if c["ratio"]]
     tables = [(*accuracy_table(run), run["config"]) for run in doc["runs"] if run["accuracy"]]
-    heights = ([max(2.0, 0.32 * len(bars) + 1.2)] if bars else []) + [0.3 * len(t[1]) + 1.0 for t in tables]
-    if not heights:
-        heights = [1.0]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(13, sum(heights) + 0.8), height_ratios=heights, squeeze=False)
-    i = 0
+    bar_h = 0.3 * len(bars) + 1.3 if bars else 0.0
+    table_hs = [0.24 * (len(rows) + 1) + 0.6 for _, rows, _ in tables]
+    height = max(1.0, bar_h + sum(table_hs) + 0.2)
+    fig = plt.figure(figsize=(13, height))
+    top = height
     if bars:
-        ax = axes[i][0]
-        i += 1
+        top -= bar_h
+        ax = fig.add_axes((0.45, (top + 0.75) / height, 0.47, (bar_h - 1.15) / height))
         y = list(range(len(bars)))[::-1]
         ratios = [b[1] for b in bars]
         ax.barh(y, ratios, color=["tab:green" if r <= 1 else "tab:red" for r in ratios])
         ax.set_yticks(y, [f"{b[0]} vs {b[2]}" for b in bars], fontsize=8)
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_xscale("log")
-        ax.set_xlabel("groupnorm time / peer time (median; < 1: groupnorm is faster)")
+        ax.set_xlabel("groupnorm time / peer time (median; < 1: groupnorm is faster)", fontsize=9)
         for yy, r in zip(y, ratios, strict=True):
             ax.text(r, yy, f" {r:.2f}", va="center", fontsize=8)
-        ax.set_title("Speed: ratio of medians, interleaved runs in one process")
-    for headers, rows, cfg in tables:
-        ax = axes[i][0]
-        i += 1
+        ax.set_title("Speed: ratio of medians, interleaved in one process", fontsize=10)
+    for (headers, rows, cfg), h in zip(tables, table_hs, strict=True):
+        top -= h
+        ax = fig.add_axes((0.01, (top + 0.1) / height, 0.98, (h - 0.5) / height))
         ax.axis("off")
-        t = ax.table(cellText=rows, colLabels=headers, loc="center", cellLoc="left")
+        t = ax.table(cellText=rows, colLabels=headers, cellLoc="left", bbox=Bbox.from_bounds(0, 0, 1, 1))
         t.auto_set_font_size(False)
         t.set_fontsize(8)
         t.auto_set_column_width(list(range(len(headers))))
-        ax.set_title(f"Max abs error vs float64 ({_shape(cfg)} {cfg['layout']}, {cfg['groups']} groups)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set_title(f"Max abs error vs float64 ({_shape(cfg)} {cfg['layout']}, {cfg['groups']} groups)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
