@@ -153,6 +153,10 @@ def test_numpy_and_torch_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     printed = capsys.readouterr().out
     (run,) = doc["runs"]
+    assert run["command"] == (
+        "groupnorm bench --framework numpy,torch --shape 2,8,4,4 --layout NCHW --groups 4 --activation silu "
+        "--repeats 2 --warmup 1 --min-time 0.0"
+    )
     assert run["config"]["shape"] == [2, 8, 4, 4]
     assert run["config"]["activation"] == "silu"
     _assert_all_ok(run["speed"])

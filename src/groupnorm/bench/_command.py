@@ -144,7 +144,46 @@ def _progress(total: int, quiet: bool) -> Iterator[_runner.Progress]:
         yield advance
 
 
-def measure(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+_MEASURED = (
+    "framework",
+    "shape",
+    "layout",
+    "dtype",
+    "groups",
+    "epsilon",
+    "activation",
+    "mode",
+    "repeats",
+    "warmup",
+    "min_time",
+    "accuracy",
+    "speed",
+    "threads",
+    "seed",
+)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that measures what ``args`` measure: every option that differs from its default."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    words = ["groupnorm", "bench"]
+    for name in _MEASURED:
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, list | tuple):
+            words += [flag, ",".join(map(str, value))]
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run what ``args`` ask for; returns the JSON document."""
     spec = spec_from(args)
     modes = list(MODES) if args.mode == "both" else [args.mode]
@@ -181,7 +220,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict
         "seed": args.seed,
         "threads": args.threads,
     }
-    command = "groupnorm bench" + ("" if argv is None else "".join(" " + shlex.quote(a) for a in argv))
+    command = command_line(args)
     run = {"command": command, "config": config, "speed": rows, "comparisons": comparisons, "accuracy": accuracy}
     return {
         "schema": _report.SCHEMA_ID,
@@ -207,7 +246,6 @@ def load(paths: Sequence[str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log would bury the tables
-    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else None
     if args.load:
         try:
             doc = load(args.load)
@@ -220,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             print(f"groupnorm bench: {e}", file=sys.stderr)
             return 2
-        doc = measure(args, argv)
+        doc = measure(args)
     _report.print_tables(doc)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
