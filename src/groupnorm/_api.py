@@ -16,7 +16,10 @@ ArrayT = TypeVar("ArrayT")
 
 #: (framework module, backend module, the array type as users know it). A backend is imported only
 #: once its framework has been imported by the user, so ``import groupnorm`` imports no framework.
-_BACKENDS: tuple[tuple[str, str, str], ...] = (("numpy", "groupnorm.backends.numpy", "numpy.ndarray"),)
+_BACKENDS: tuple[tuple[str, str, str], ...] = (
+    ("numpy", "groupnorm.backends.numpy", "numpy.ndarray"),
+    ("torch", "groupnorm.backends.torch", "torch.Tensor"),
+)
 
 
 class Backend(Protocol):
