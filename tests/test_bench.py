@@ -230,6 +230,11 @@ def test_load_merges_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert _report.validate(merged) == []
     assert merged["runs"] == first["runs"] * 2
     assert png.exists()
+    md = tmp_path / "merged.md"
+    assert main(["bench", "--load", str(out), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.count(f"`{first['runs'][0]['command']}`") == 2
+    assert "| numpy |  | forward | groupnorm.group_norm | plain NumPy (reshape, mean, var) |" in text
     (tmp_path / "bad.json").write_text(json.dumps({"schema": "other"}))
     capsys.readouterr()
     assert main(["bench", "--load", str(tmp_path / "bad.json")]) == 2

@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", action="store_true", help="measure speed too when --accuracy is given")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (schema: docs/benchmarks.md)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the ratios and accuracy")
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables in Markdown")
     parser.add_argument(
         "--load", nargs="+", metavar="JSON", help="measure nothing: show (and --plot, --json) saved results, merged"
     )
@@ -264,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(_report.markdown(doc))
     if args.plot:
         _report.plot(doc, args.plot)
     return 0

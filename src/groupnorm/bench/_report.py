@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["SCHEMA", "SCHEMA_ID", "machine", "plot", "print_tables", "validate"]
+__all__ = ["SCHEMA", "SCHEMA_ID", "machine", "markdown", "plot", "print_tables", "validate"]
 
 SCHEMA_ID = "groupnorm-bench/1"
 
@@ -292,6 +292,39 @@ def print_tables(doc: dict[str, Any], file: TextIO | None = None) -> None:
         notes = _notes(run)
         if notes:
             print("\n".join(["Not measured:", *(f"  {n}" for n in notes)]), file=file or sys.stdout)
+
+
+def _title(cfg: dict[str, Any]) -> str:
+    return f"{_shape(cfg)} {cfg['layout']} {cfg['dtype']}, {cfg['groups']} groups" + (
+        f", {cfg['activation']}" if cfg["activation"] else ""
+    )
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [line(headers), line(["---"] * len(headers)), *(line(r) for r in rows), ""]
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """Every run's ratios, timings and accuracy as Markdown tables, headed by the command."""
+    out: list[str] = []
+    for run in doc["runs"]:
+        cfg = run["config"]
+        out += [f"`{run['command']}`", "", f"{_title(cfg)}, threads: {cfg['threads'] or 'default'}", ""]
+        if run["comparisons"]:
+            headers = ["framework", "variant", "mode", "groupnorm", "peer", "groupnorm ms", "peer ms", "ratio"]
+            out += _md_table(headers, ratio_rows(run))
+        if run["speed"]:
+            headers = ["framework", "variant", "mode", "implementation", "ms", "GB/s", "x floor", "status"]
+            out += _md_table(headers, speed_rows(run))
+        if run["accuracy"]:
+            out += _md_table(*accuracy_table(run))
+        notes = _notes(run)
+        if notes:
+            out += [*(f"- {n}" for n in notes), ""]
+    return "\n".join(out)
 
 
 def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], file: TextIO | None) -> None:
