@@ -149,13 +149,24 @@ def _assert_all_ok(rows: list[dict[str, Any]]) -> None:
 def test_numpy_and_torch_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "bench.png"
     doc = _run_json(
-        tmp_path, "-f", "numpy,torch", *TINY, "--layout", "NCHW", "--activation", "silu", "--plot", str(png)
+        tmp_path,
+        "-f",
+        "numpy,torch",
+        *TINY,
+        "--layout",
+        "NCHW",
+        "--activation",
+        "silu",
+        "--mean-over-std",
+        "100",
+        "--plot",
+        str(png),
     )
     printed = capsys.readouterr().out
     (run,) = doc["runs"]
     assert run["command"] == (
         "groupnorm bench --framework numpy,torch --shape 2,8,4,4 --layout NCHW --groups 4 --activation silu "
-        "--repeats 2 --warmup 1 --min-time 0.0"
+        "--repeats 2 --warmup 1 --min-time 0.0 --mean-over-std 100.0"
     )
     assert run["config"]["shape"] == [2, 8, 4, 4]
     assert run["config"]["activation"] == "silu"
@@ -270,6 +281,7 @@ def _doc() -> dict[str, Any]:
         "warmup": 1,
         "min_sample_s": 0.0,
         "seed": 0,
+        "mean_over_std": 0.0,
         "threads": None,
     }
     return {

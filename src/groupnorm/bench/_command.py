@@ -100,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="threads per framework (default: each framework's own); 1 gives steadier figures on a busy machine",
     )
+    parser.add_argument(
+        "--mean-over-std",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="speed data: every group's mean is RATIO times its spread (implementations may take another path "
+        "for data with a large mean; default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -160,6 +168,7 @@ _MEASURED = (
     "accuracy",
     "speed",
     "threads",
+    "mean_over_std",
     "seed",
 )
 
@@ -207,6 +216,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 repeats=args.repeats,
                 min_sample_s=args.min_time,
                 seed=args.seed,
+                mean_over_std=args.mean_over_std,
                 progress=progress,
             )
         if args.accuracy:
@@ -219,6 +229,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "min_sample_s": args.min_time,
         "seed": args.seed,
+        "mean_over_std": args.mean_over_std,
         "threads": args.threads,
     }
     command = command_line(args)

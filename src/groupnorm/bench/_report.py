@@ -74,6 +74,7 @@ _CONFIG: dict[str, Any] = {
     "warmup": "int",
     "min_sample_s": "number",
     "seed": "int",
+    "mean_over_std": "number",
     "threads": "int|null",
 }
 _RUN: dict[str, Any] = {

@@ -131,10 +131,11 @@ def run_speed(
     repeats: int,
     min_sample_s: float,
     seed: int = 0,
+    mean_over_std: float = 0.0,
     progress: Progress = _no_progress,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Time every framework's candidates; returns the JSON rows of ``speed`` and ``comparisons``."""
-    data = make_data(spec, seed=seed)
+    data = make_data(spec, mean_over_std=mean_over_std, seed=seed)
     rows: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
     for framework in frameworks:
