@@ -26,11 +26,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).numpy()
 
 
-@pytest.fixture(params=[None, 1, 37], ids=["default-blocks", "block-1", "block-37"])
+@pytest.fixture(params=["native", "blocked", "block-1", "block-37"])
 def block_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run with the default block size, and with tiny blocks so that every block boundary is crossed."""
-    if request.param is not None:
-        monkeypatch.setattr(backend, "BLOCK_ELEMENTS", request.param)
+    """Every path: torch's kernel where it applies, the blocked path with its default block size, and with
+    tiny blocks so that every block boundary is crossed."""
+    if request.param != "native":
+        monkeypatch.setattr(backend, "NATIVE", False)
+    if request.param.startswith("block-"):
+        monkeypatch.setattr(backend, "BLOCK_ELEMENTS", int(request.param.removeprefix("block-")))
 
 
 # ---------------------------------------------------------------------------------------------- values

@@ -19,6 +19,8 @@ ArrayT = TypeVar("ArrayT")
 _BACKENDS: tuple[tuple[str, str, str], ...] = (
     ("numpy", "groupnorm.backends.numpy", "numpy.ndarray"),
     ("torch", "groupnorm.backends.torch", "torch.Tensor"),
+    ("jax", "groupnorm.backends.jax", "jax.Array"),
+    ("tensorflow", "groupnorm.backends.tensorflow", "tf.Tensor"),
 )
 
 

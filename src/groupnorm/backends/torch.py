@@ -16,7 +16,8 @@ so the input crosses the memory bus once and the output once. The backward pass 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,7 +32,10 @@ NAME = "torch"
 __all__ = ["execute", "is_array"]
 
 #: elements per block of the blocked CPU path: a block and its float32 scratch stay in the caches.
-BLOCK_ELEMENTS = 1 << 17
+BLOCK_ELEMENTS = 1 << 20
+
+#: whether to use torch's own kernel where it is provably accurate (tests turn it off to check the rest).
+NATIVE = True
 
 #: per reduced axis, how many leading elements the rough shift ``K`` averages.
 _SHIFT_SAMPLE = 8
@@ -96,12 +100,11 @@ def _activation_grad(pre: torch.Tensor, name: str) -> torch.Tensor:
 # the composite path: differentiable torch operations, used for tracing and higher-order gradients
 
 
-def _rough_shift(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Mean of the leading corner of every group (keepdim), detached: a value near the group's mean."""
-    corner = z
+def _corner(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """The leading corner (up to ``_SHIFT_SAMPLE`` elements along each of ``dims``) of ``z``."""
     for d in dims:
-        corner = corner.narrow(d, 0, min(_SHIFT_SAMPLE, int(z.shape[d])))
-    return corner.mean(dim=tuple(dims), keepdim=True).detach()
+        z = z.narrow(d, 0, min(_SHIFT_SAMPLE, int(z.shape[d])))
+    return z
 
 
 def composite(
@@ -111,8 +114,10 @@ def composite(
     work = _work_dtype(x.dtype)
     xs = x.reshape(plan.split_shape(x.shape)).to(work)
     dims = plan.split_reduce_axes
-    z = xs if plan.mean_close_to_zero else xs - _rough_shift(xs, dims)
-    var, mean = torch.var_mean(z, dim=dims, correction=0, keepdim=True)
+    # the rough shift is a constant: the result does not depend on it, so neither do gradients
+    z = xs if plan.mean_close_to_zero else xs - _corner(xs, dims).mean(dim=dims, keepdim=True).detach()
+    mean = z.mean(dim=dims, keepdim=True)
+    var = torch.clamp((z * z).mean(dim=dims, keepdim=True) - mean * mean, min=0)
     scale = torch.rsqrt(var + plan.epsilon)
     if gamma is not None:
         scale = scale * gamma.to(work).reshape(plan.param_shape)
@@ -126,9 +131,14 @@ def composite(
 
 
 # --------------------------------------------------------------------------------------------------
-# the blocked path: the input in memory order, viewed as (kept, group, channel, reduced) runs
+# the blocked path: the input in memory order, viewed as runs of kept axes, the channel axis, and runs
+# of reduced axes. Statistics are summed per channel over the reduced axes, then per group over its
+# channels; every coefficient is per channel, so that it broadcasts along contiguous memory.
 
-_KEPT, _GROUP, _CHANNEL, _REDUCED = "k", "g", "c", "r"
+_KEPT, _CHANNEL, _REDUCED = "k", "c", "r"
+
+#: per-thread scratch buffers of the blocked path
+_SCRATCH = threading.local()
 
 
 @dataclass(frozen=True)
@@ -138,35 +148,31 @@ class _Layout:
     perm: tuple[int, ...]
     """``x.permute(perm)`` is in memory order."""
     inverse: tuple[int, ...]
-    channels_axis: int
-    """The channel axis after the permutation."""
     runs: tuple[tuple[int, int], ...]
-    """Runs of like axes of the permuted split view, merged into one axis of the compute view."""
+    """Runs of like axes of the permuted input, merged into one axis of the compute view."""
     classes: tuple[str, ...]
-    """Per compute-view axis: kept, group, channel (within a group) or reduced."""
-    groups: int
+    """Per compute-view axis: kept, channel or reduced."""
+    channels: int
     group_channels: int
-
-    @property
-    def reduce_dims(self) -> tuple[int, ...]:
-        return tuple(i for i, c in enumerate(self.classes) if c in (_CHANNEL, _REDUCED))
 
     @property
     def channel_dim(self) -> int:
         return self.classes.index(_CHANNEL)
 
     @property
+    def reduce_dims(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.classes) if c == _REDUCED)
+
+    @property
+    def kept_dims(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.classes) if c == _KEPT)
+
+    @property
     def param_shape(self) -> tuple[int, ...]:
-        sizes = {_GROUP: self.groups, _CHANNEL: self.group_channels}
-        return tuple(sizes.get(c, 1) for c in self.classes)
+        return tuple(self.channels if c == _CHANNEL else 1 for c in self.classes)
 
     def view_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        c = self.channels_axis
-        split = (*shape[:c], self.groups, self.group_channels, *shape[c + 1 :])
-        return tuple(math.prod(split[a:b]) for a, b in self.runs)
-
-    def stats_shape(self, view: Sequence[int]) -> tuple[int, ...]:
-        return tuple(1 if c in (_CHANNEL, _REDUCED) else d for d, c in zip(view, self.classes, strict=True))
+        return tuple(math.prod(shape[a:b]) for a, b in self.runs)
 
     def coef_shape(self, view: Sequence[int]) -> tuple[int, ...]:
         return tuple(1 if c == _REDUCED else d for d, c in zip(view, self.classes, strict=True))
@@ -174,29 +180,24 @@ class _Layout:
 
 @lru_cache(maxsize=512)
 def _layout(plan: Plan, perm: tuple[int, ...]) -> _Layout:
-    c = perm.index(plan.channels_axis)
     reduced = set(plan.reduction_axes)
-    split_classes = [_REDUCED if p in reduced else _KEPT for p in perm[:c]]
-    split_classes += [_GROUP, _CHANNEL]
-    split_classes += [_REDUCED if p in reduced else _KEPT for p in perm[c + 1 :]]
+    axis_classes = [_CHANNEL if p == plan.channels_axis else _REDUCED if p in reduced else _KEPT for p in perm]
     runs: list[tuple[int, int]] = []
     classes: list[str] = []
-    for i, cls in enumerate(split_classes):
-        if classes and classes[-1] == cls and cls in (_KEPT, _REDUCED):
+    for i, cls in enumerate(axis_classes):
+        if classes and classes[-1] == cls:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
             classes.append(cls)
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
-    return _Layout(perm, inverse, c, tuple(runs), tuple(classes), plan.groups, plan.group_channels)
+    return _Layout(perm, inverse, tuple(runs), tuple(classes), plan.channels, plan.group_channels)
 
 
 def _memory_order(x: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
-    """A permutation putting ``x``'s axes in memory order, and ``x`` permuted (contiguous)."""
+    """A permutation putting ``x``'s axes in memory order, and ``x`` permuted (and made contiguous)."""
     strides = x.stride()
     perm = tuple(sorted(range(x.dim()), key=lambda a: (-strides[a] if x.shape[a] != 1 else 0, a)))
-    if x.shape and all(x.shape[a] == 1 for a in range(x.dim())):
-        perm = tuple(range(x.dim()))
     xp = x.permute(perm)
     if not xp.is_contiguous():
         perm = tuple(range(x.dim()))
@@ -204,43 +205,110 @@ def _memory_order(x: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     return perm, xp
 
 
-def _blocks(view: Sequence[int], classes: Sequence[str], budget: int) -> Iterator[tuple[slice, ...]]:
-    """Slices of the leading kept/group axes of the compute view, each block about ``budget`` elements."""
+def _blocks(view: Sequence[int], layout: _Layout, budget: int) -> list[tuple[slice, ...]]:
+    """Slices of the leading axes of the compute view: blocks of whole groups, about ``budget`` elements."""
     total = math.prod(view)
-    if total <= budget or classes[0] not in (_KEPT, _GROUP):
-        yield (slice(None),)
-        return
-    inner0 = total // view[0]
-    if inner0 > budget and len(view) > 1 and classes[1] == _GROUP:
-        inner1 = inner0 // view[1]
-        step = max(1, budget // inner1)
-        for i in range(view[0]):
-            for j in range(0, view[1], step):
-                yield (slice(i, i + 1), slice(j, j + step))
-        return
-    step = max(1, budget // max(inner0, 1))
-    for i in range(0, view[0], step):
-        yield (slice(i, i + step),)
+    classes = layout.classes
+    if total <= budget or classes[0] == _REDUCED or total == 0:
+        return [(slice(None),)]
+    cg = layout.group_channels
 
+    def channel_steps(per_channel: int) -> list[slice]:
+        step = max(1, budget // max(per_channel * cg, 1)) * cg
+        return [slice(j, j + step) for j in range(0, layout.channels, step)]
 
-def _param_slices(block: tuple[slice, ...], classes: Sequence[str]) -> tuple[slice, ...]:
-    return tuple(s if c == _GROUP else slice(None) for s, c in zip(block, classes, strict=False))
+    if classes[0] == _CHANNEL:
+        return [(s,) for s in channel_steps(total // layout.channels)]
+    inner = total // view[0]
+    if inner > budget and classes[1] == _CHANNEL:
+        steps = channel_steps(inner // layout.channels)
+        return [(slice(i, i + 1), s) for i in range(view[0]) for s in steps]
+    step = max(1, budget // max(inner, 1))
+    return [(slice(i, i + step),) for i in range(0, view[0], step)]
 
 
 @dataclass
 class _Saved:
     layout: _Layout
     shift: torch.Tensor | None
+    """Per channel (its group's value), in the compute view's coefficient shape; None without a shift."""
     mean: torch.Tensor
+    """Per channel, the mean of ``x - shift`` over its group."""
     rstd: torch.Tensor
 
 
-def _params(
-    layout: _Layout, gamma: torch.Tensor | None, beta: torch.Tensor | None, work: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    g = None if gamma is None else gamma.detach().to(work).reshape(layout.param_shape)
-    b = None if beta is None else beta.detach().to(work).reshape(layout.param_shape)
-    return g, b
+class _Blocked:
+    """Shared set-up of the blocked forward and backward passes."""
+
+    def __init__(self, plan: Plan, layout: _Layout, xp: torch.Tensor, budget: int | None) -> None:
+        self.plan, self.layout = plan, layout
+        self.view = layout.view_shape(xp.shape)
+        self.work = _work_dtype(xp.dtype)
+        self.same = self.work == xp.dtype
+        self.cdim = layout.channel_dim
+        self.rdims = layout.reduce_dims
+        self.coef = layout.coef_shape(self.view)
+        if budget is None:
+            budget = BLOCK_ELEMENTS if xp.device.type == "cpu" else math.prod(self.view)
+        self.blocks = _blocks(self.view, layout, budget)
+        self.device = xp.device
+
+    def block_size(self) -> int:
+        sizes = [
+            math.prod(len(range(*s.indices(d))) for s, d in zip(b, self.view, strict=False))
+            * math.prod(self.view[len(b) :])
+            for b in self.blocks
+        ]
+        return max(sizes)
+
+    def scratch(self, slot: int) -> torch.Tensor:
+        """A block-sized scratch buffer, kept between calls (per thread) so that its pages stay mapped."""
+        size = self.block_size()
+        if self.device.type != "cpu" or size > 4 * BLOCK_ELEMENTS:
+            return torch.empty(size, dtype=self.work, device=self.device)
+        cache: dict[tuple[int, torch.dtype], torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+        buf = cache.get((slot, self.work))
+        if buf is None or buf.numel() < size:
+            buf = cache[(slot, self.work)] = torch.empty(size, dtype=self.work)
+        return buf[:size]
+
+    def rows(self) -> bool:
+        """Whether the reduced axes are the last and only reduced run (each channel is one row)."""
+        return self.rdims == (len(self.view) - 1,)
+
+    def sum_of_squares(self, z: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """Per channel: the sum of ``z * z`` over the reduced axes."""
+        if self.rows():
+            norm: torch.Tensor = torch.linalg.vector_norm(z, 2, dim=-1, keepdim=True)
+            return norm.square_()
+        return self.rsum(torch.mul(z, z, out=buf[: z.numel()].view(z.shape)))
+
+    def scale_shift_(self, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``y * scale + offset`` in place, with the faster of the two forms for the layout."""
+        if self.rows():
+            return y.mul_(scale).add_(offset)
+        return torch.addcmul(offset, y, scale, out=y)
+
+    def param(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if p is None else p.detach().to(self.work).reshape(self.layout.param_shape)
+
+    def param_block(self, p: torch.Tensor | None, block: tuple[slice, ...]) -> torch.Tensor | None:
+        if p is None or len(block) <= self.cdim:
+            return p
+        index = [slice(None)] * p.dim()
+        index[self.cdim] = block[self.cdim]
+        return p[tuple(index)]
+
+    def rsum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per channel: the sum over the reduced axes."""
+        return t.sum(dim=self.rdims, keepdim=True) if self.rdims else t
+
+    def group_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per channel (coefficient shape): the sum of ``t`` over the channels of the channel's group."""
+        moved = t.movedim(self.cdim, -1)
+        grouped = moved.reshape(*moved.shape[:-1], -1, self.layout.group_channels)
+        summed = grouped.sum(dim=-1, keepdim=True).expand(grouped.shape).contiguous().flatten(-2)
+        return summed.movedim(-1, self.cdim)
 
 
 def blocked_forward(
@@ -254,42 +322,40 @@ def blocked_forward(
     """Forward pass in memory order and in cache-sized blocks of whole groups (no autograd)."""
     perm, xp = _memory_order(x)
     layout = _layout(plan, perm)
-    view = layout.view_shape(xp.shape)
-    xv = xp.view(view)
+    bk = _Blocked(plan, layout, xp, budget)
+    xv = xp.view(bk.view)
     out = torch.empty(xp.shape, dtype=x.dtype, device=x.device)
-    ov = out.view(view)
-    work = _work_dtype(x.dtype)
-    same = work == x.dtype
-    dims = layout.reduce_dims
-    stats = layout.stats_shape(view)
-    shift = None if plan.mean_close_to_zero else _rough_shift(xv, dims).to(work)
-    mean = torch.empty(stats, dtype=work, device=x.device)
-    rstd = torch.empty(stats, dtype=work, device=x.device)
-    g, b = _params(layout, gamma, beta, work)
-    if budget is None:
-        budget = BLOCK_ELEMENTS if x.device.type == "cpu" else math.prod(view)
-    for block in _blocks(view, layout.classes, budget):
-        pblock = _param_slices(block, layout.classes)
+    ov = out.view(bk.view)
+    n = plan.group_size
+    shift = None
+    if not plan.mean_close_to_zero:
+        corner = _corner(xv, bk.rdims).to(bk.work)
+        per_channel = bk.rsum(corner) / math.prod(corner.shape[d] for d in bk.rdims)
+        shift = bk.group_sum(per_channel).div_(layout.group_channels).contiguous()
+    mean = torch.empty(bk.coef, dtype=bk.work, device=x.device)
+    rstd = torch.empty(bk.coef, dtype=bk.work, device=x.device)
+    g, b = bk.param(gamma), bk.param(beta)
+    buf = bk.scratch(0)
+    tmp = None if bk.same or shift is None else bk.scratch(1)
+    for block in bk.blocks:
         xc, oc = xv[block], ov[block]
         if shift is None:
-            z = xc if same else xc.to(work)
-        elif same:
-            z = torch.sub(xc, shift[block], out=oc)
+            z = xc if bk.same else xc.to(bk.work)
         else:
-            z = torch.sub(xc, shift[block])  # promotes to the work dtype
-        var, m = torch.var_mean(z, dim=dims, correction=0, keepdim=True)
+            z = torch.sub(xc, shift[block], out=oc if tmp is None else tmp[: xc.numel()].view(xc.shape))
+        m = bk.group_sum(bk.rsum(z)).div_(n)
+        var = bk.group_sum(bk.sum_of_squares(z, buf)).div_(n).sub_(m * m).clamp_(min=0)
         r = var.add_(plan.epsilon).rsqrt_()
-        scale = r if g is None else r * g[pblock]
-        offset = -m * scale if b is None else torch.addcmul(b[pblock], m, scale, value=-1)
-        if same:
-            y = torch.addcmul(offset, z, scale, out=oc)
-        elif shift is None:
-            y = torch.addcmul(offset, z, scale)
+        gc, bc = bk.param_block(g, block), bk.param_block(b, block)
+        scale = r if gc is None else r * gc
+        offset = -m * scale if bc is None else bc - m * scale
+        if z.data_ptr() == oc.data_ptr() or not (bk.same or shift is None):
+            y = bk.scale_shift_(z, scale, offset)
         else:
-            y = torch.addcmul(offset, z, scale, out=z)
+            y = torch.mul(z, scale, out=oc).add_(offset)
         if activation is not None:
             _activate_(y, activation)
-        if not same:
+        if y.data_ptr() != oc.data_ptr():
             oc.copy_(y)
         mean[block] = m
         rstd[block] = r
@@ -315,59 +381,59 @@ def blocked_backward(
     dyp = dy.permute(layout.perm)
     if not dyp.is_contiguous():
         dyp = dyp.contiguous()
-    view = layout.view_shape(xp.shape)
-    xv, dyv = xp.view(view), dyp.view(view)
-    work = _work_dtype(x.dtype)
-    dims = layout.reduce_dims
-    cdim = layout.channel_dim
+    bk = _Blocked(plan, layout, xp, budget)
+    xv, dyv = xp.view(bk.view), dyp.view(bk.view)
     n = plan.group_size
-    g, b = _params(layout, gamma, beta, work)
+    g, b = bk.param(gamma), bk.param(beta)
     dx = torch.empty(xp.shape, dtype=x.dtype, device=x.device) if needs[0] else None
-    dxv = None if dx is None else dx.view(view)
-    coef = layout.coef_shape(view)
-    sum_d = torch.empty(coef, dtype=work, device=x.device) if (needs[2] or needs[1]) else None
-    sum_dxhat = torch.empty(coef, dtype=work, device=x.device) if needs[1] else None
+    dxv = None if dx is None else dx.view(bk.view)
+    sum_d = torch.empty(bk.coef, dtype=bk.work, device=x.device)
+    sum_dxhat = torch.empty(bk.coef, dtype=bk.work, device=x.device)
     shift, mean, rstd = saved.shift, saved.mean, saved.rstd
-    if budget is None:
-        budget = BLOCK_ELEMENTS if x.device.type == "cpu" else math.prod(view)
-    for block in _blocks(view, layout.classes, budget):
-        pblock = _param_slices(block, layout.classes)
+    buf = bk.scratch(0)
+    tmp = None if bk.same and dxv is not None else bk.scratch(1)
+    for block in bk.blocks:
         xc, dyc = xv[block], dyv[block]
         m, r = mean[block], rstd[block]
-        gc = None if g is None else g[pblock]
-        # z = x - K, promoted to the work dtype
-        z = (xc if xc.dtype == work else xc.to(work)) if shift is None else torch.sub(xc, shift[block])
-        d = dyc if dyc.dtype == work else dyc.to(work)
+        gc = bk.param_block(g, block)
+        if tmp is not None:
+            scratch = tmp[: xc.numel()].view(xc.shape)
+        else:
+            assert dxv is not None
+            scratch = dxv[block]
+        # z = x - K in the work dtype
+        if shift is None:
+            z = xc if bk.same else torch.sub(xc, 0, out=scratch)
+        else:
+            z = torch.sub(xc, shift[block], out=scratch)
+        d = dyc if dyc.dtype == bk.work else dyc.to(bk.work)
         if activation is not None:
             scale = r if gc is None else r * gc
-            offset = -m * scale if b is None else torch.addcmul(b[pblock], m, scale, value=-1)
-            pre = torch.addcmul(offset, z, scale)
+            bc = bk.param_block(b, block)
+            offset = -m * scale if bc is None else bc - m * scale
+            pre = torch.mul(z, scale, out=buf[: z.numel()].view(z.shape)).add_(offset)
             d = d * _activation_grad(pre, activation)
-        # the sum over every reduced axis except the channel one, per channel:
-        red_only = tuple(i for i in dims if i != cdim)
-        a = d.sum(dim=red_only, keepdim=True) if red_only else d
-        dz = (d * z).sum(dim=red_only, keepdim=True) if red_only else d * z
-        dxhat = (dz - m * a) * r  # per channel: sum of d * xhat
-        if sum_d is not None:
-            sum_d[block] = a
-        if sum_dxhat is not None:
-            sum_dxhat[block] = dxhat
+        a = bk.rsum(d)
+        dz = bk.rsum(torch.mul(d, z, out=buf[: z.numel()].view(z.shape)))
+        dxhat = (dz - m * a).mul_(r)  # per channel: the sum of d * xhat
+        sum_d[block] = a
+        sum_dxhat[block] = dxhat
         if dxv is not None:
             ga = a if gc is None else a * gc
             gx = dxhat if gc is None else dxhat * gc
-            mg = ga.sum(dim=cdim, keepdim=True) / n
-            mgx = gx.sum(dim=cdim, keepdim=True) / n
+            mg = bk.group_sum(ga).div_(n)
+            mgx = bk.group_sum(gx).div_(n)
             coef_a = r if gc is None else r * gc
             coef_b = -r * r * mgx
             coef_c = r * (r * m * mgx - mg)
-            t = torch.addcmul(coef_c, z, coef_b)
-            t.addcmul_(d, coef_a)
-            dxv[block] = t
-    kept = tuple(i for i, c in enumerate(layout.classes) if c == _KEPT)
+            t = torch.mul(z, coef_b, out=scratch).add_(coef_c).addcmul_(d, coef_a)
+            if t.data_ptr() != dxv[block].data_ptr():
+                dxv[block] = t
+    kept = layout.kept_dims
     dgamma = dbeta = None
-    if needs[1] and sum_dxhat is not None and gamma is not None:
+    if needs[1] and gamma is not None:
         dgamma = (sum_dxhat.sum(dim=kept) if kept else sum_dxhat).reshape(-1).to(gamma.dtype)
-    if needs[2] and sum_d is not None and beta is not None:
+    if needs[2] and beta is not None:
         dbeta = (sum_d.sum(dim=kept) if kept else sum_d).reshape(-1).to(beta.dtype)
     return (None if dx is None else dx.permute(layout.inverse)), dgamma, dbeta
 
@@ -376,8 +442,108 @@ def blocked_backward(
 # autograd and dispatch
 
 
+#: Largest ``|mean| / std`` of any group (``|mean| * rstd``) for which torch's own CPU group norm on a
+#: contiguous float32 input stays within about 1.2e-6 of float64 (it forms ``x * a + b``, which loses
+#: digits to cancellation as the mean grows; its statistics use a stable cascaded Welford update).
+NATIVE_MEAN_BOUND = 4.0
+
+
+@dataclass
+class _Native:
+    """What torch's native group norm saved: the input as it saw it, and its statistics."""
+
+    order: tuple[int, ...]
+    inverse: tuple[int, ...]
+    unsqueezed: bool
+    xn: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+
+def _native_view(plan: Plan, x: torch.Tensor) -> tuple[tuple[int, ...], bool, torch.Tensor] | None:
+    """``x`` as torch's ``(N, C, *)`` contiguous group norm sees it, where the plan is that layout."""
+    if x.dtype not in (torch.float32, torch.float64) or len(plan.kept_axes) > 1:
+        return None
+    order = (*plan.kept_axes, plan.channels_axis, *plan.reduction_axes)
+    xn = x.permute(order)
+    unsqueezed = not plan.kept_axes
+    if unsqueezed:
+        xn = xn.unsqueeze(0)
+    if not xn.is_contiguous():
+        return None
+    return order, unsqueezed, xn
+
+
+def _native_forward(
+    plan: Plan, x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, activation: str | None
+) -> tuple[torch.Tensor, _Native] | None:
+    """torch's own kernel, where the layout is its own and the result is provably within ~1e-6."""
+    found = _native_view(plan, x)
+    if found is None:
+        return None
+    order, unsqueezed, xn = found
+    n, c = int(xn.shape[0]), int(xn.shape[1])
+    hxw = math.prod(int(d) for d in xn.shape[2:])
+    w = None if gamma is None else gamma.detach().to(x.dtype)
+    b = None if beta is None else beta.detach().to(x.dtype)
+    y, mean, rstd = torch.native_group_norm(xn, w, b, n, c, hxw, plan.groups, plan.epsilon)
+    if not plan.mean_close_to_zero and x.dtype == torch.float32:
+        worst = (mean.abs() * rstd).max()
+        if not bool(worst <= NATIVE_MEAN_BOUND):  # NaN fails too: the exact path decides then
+            return None
+    if activation is not None:
+        _activate_(y, activation)
+    if unsqueezed:
+        y = y.squeeze(0)
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return y.permute(inverse), _Native(order, inverse, unsqueezed, xn, mean, rstd)
+
+
+def _native_backward(
+    plan: Plan,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    activation: str | None,
+    saved: _Native,
+    dy: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    xn = saved.xn
+    n, c = int(xn.shape[0]), int(xn.shape[1])
+    hxw = math.prod(int(d) for d in xn.shape[2:])
+    dyn = dy.permute(saved.order)
+    if saved.unsqueezed:
+        dyn = dyn.unsqueeze(0)
+    dyn = dyn.contiguous()
+    w = None if gamma is None else gamma.detach().to(xn.dtype)
+    if activation is not None:
+        per_channel = (n, c) + (1,) * (xn.dim() - 2)
+        cg = plan.group_channels
+        rstd = saved.rstd.repeat_interleave(cg, dim=1).view(per_channel)
+        mean = saved.mean.repeat_interleave(cg, dim=1).view(per_channel)
+        scale = rstd if w is None else rstd * w.view(1, c, *per_channel[2:])
+        pre = (xn - mean).mul_(scale)
+        if beta is not None:
+            pre.add_(beta.detach().to(xn.dtype).view(1, c, *per_channel[2:]))
+        dyn = dyn * _activation_grad(pre, activation)
+    mask = [needs[0], needs[1] and gamma is not None, needs[2] and beta is not None]
+    dx, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+        dyn, xn, saved.mean, saved.rstd, w, n, c, hxw, plan.groups, mask
+    )
+    if dx is not None:
+        if saved.unsqueezed:
+            dx = dx.squeeze(0)
+        dx = dx.permute(saved.inverse)
+    if dgamma is not None and gamma is not None:
+        dgamma = dgamma.to(gamma.dtype)
+    if dbeta is not None and beta is not None:
+        dbeta = dbeta.to(beta.dtype)
+    return (dx if mask[0] else None), (dgamma if mask[1] else None), (dbeta if mask[2] else None)
+
+
 class _GroupNormFunction(torch.autograd.Function):
-    """The blocked forward and backward passes; higher-order gradients go through :func:`composite`."""
+    """Torch's own kernel where it is exact, else the blocked passes; higher-order gradients go through
+    :func:`composite`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -389,8 +555,13 @@ class _GroupNormFunction(torch.autograd.Function):
         activation: str | None,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            out, saved = blocked_forward(plan, x, gamma, beta, activation)
-        ctx.plan, ctx.activation, ctx.stats = plan, activation, saved
+            native = _native_forward(plan, x, gamma, beta, activation) if NATIVE else None
+            if native is None:
+                out, saved = blocked_forward(plan, x, gamma, beta, activation)
+                ctx.stats = saved
+            else:
+                out, ctx.stats = native
+        ctx.plan, ctx.activation = plan, activation
         ctx.save_for_backward(x, gamma, beta)
         return out
 
@@ -407,7 +578,19 @@ class _GroupNormFunction(torch.autograd.Function):
             grads = [next(found) if need else None for need in needs]
             return (*grads, None, None)
         with torch.autocast(x.device.type, enabled=False):
-            dx, dgamma, dbeta = blocked_backward(ctx.plan, x, gamma, beta, ctx.activation, ctx.stats, dy, needs)  # type: ignore[arg-type]
+            if isinstance(ctx.stats, _Native):
+                dx, dgamma, dbeta = _native_backward(ctx.plan, gamma, beta, ctx.activation, ctx.stats, dy, needs)  # type: ignore[arg-type]
+            else:
+                dx, dgamma, dbeta = blocked_backward(
+                    ctx.plan,
+                    x,
+                    gamma,
+                    beta,
+                    ctx.activation,
+                    ctx.stats,
+                    dy,
+                    needs,  # type: ignore[arg-type]
+                )
         return dx, dgamma, dbeta, None, None
 
 

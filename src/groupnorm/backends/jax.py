@@ -1,0 +1,266 @@
+"""JAX backend: executes a plan on ``jax.Array`` values (concrete arrays or tracers).
+
+Everything here is a pure function of its inputs built from ``jax.numpy`` and ``jax.lax``, so it works
+under ``jax.jit``, ``jax.grad`` (and forward mode, and higher orders), ``jax.vmap`` and
+``jax.checkpoint``. Statistics accumulate in float32 for float16/bfloat16/float32 input (float64 for
+float64 input); the output has the input's dtype.
+
+Numerics, as in the NumPy reference: the default mode subtracts a per-group shift ``K`` close to the
+group's mean, accumulates the sum and the sum of squares of ``x - K`` and forms the output as
+``(x - K) * scale + offset``, which is exact to float32 rounding however large the mean is against the
+spread. ``K`` is found cheaply: for large groups it is the mean of a sixteenth of the group; when that
+turns out to be far from the group's mean (further than one standard deviation, which only unusual data
+does) the sums are taken again around the mean just found, so accuracy never depends on the data's
+layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
+
+Statistics across devices: with ``axis_name`` (inside ``shard_map`` or ``pmap``) each device's input is
+one shard of the groups' elements. The shift is then the devices' agreed mean of their local means
+(``pmean``), and the shifted sums are added over devices (``psum``), so the result and its gradients are
+those of the unsharded input, with the same stability.
+
+The statistics carry a hand-written forward-mode derivative (``jax.custom_jvp``): the mean's tangent is
+the mean of the input's tangent and the variance's is ``2 * mean((x - mean) * dx)``. JAX transposes it
+for reverse mode, so a backward pass reads the input and the output's cotangent once for the per-channel
+sums and once more to form the input's gradient, without differentiating through the shift.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from functools import lru_cache, partial
+from typing import Any, cast
+
+import jax
+import jax.numpy as jnp
+
+from groupnorm._api import Backend, plan_for
+from groupnorm._plan import Activation, Plan, resolve_activation
+
+NAME = "jax"
+
+__all__ = ["execute", "group_norm"]
+
+#: groups at least this large take their shift from a sample of the group (see the module docstring).
+SAMPLE_MIN_GROUP = 4096
+#: the sample is the first 1/SAMPLE_FRACTION of the outermost reduced axis of the statistics view.
+SAMPLE_FRACTION = 16
+
+Moments = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def is_array(x: object) -> bool:
+    """True for ``jax.Array`` values, including tracers under ``jit``/``grad``/``vmap``."""
+    return isinstance(x, jax.Array)
+
+
+def static_shape(x: Any) -> tuple[int | None, ...]:
+    """The static shape; symbolic dimensions (``jax.export``) read as unknown (``None``)."""
+    return tuple(d if isinstance(d, int) else None for d in x.shape)
+
+
+def dtype_name(x: Any) -> str:
+    return str(jnp.dtype(x.dtype).name)
+
+
+def _work_dtype(dtype: Any) -> Any:
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _sample_axis(plan: Plan, view: Sequence[Any]) -> int | None:
+    """The view axis whose first 1/SAMPLE_FRACTION gives the shift, or None to use the whole group."""
+    if plan.group_size < SAMPLE_MIN_GROUP:
+        return None
+    for a in plan.view_reduce_axes:
+        if isinstance(view[a], int) and view[a] >= SAMPLE_FRACTION:
+            return a
+    return None
+
+
+def _shifted_sums(xv: jax.Array, shift: jax.Array | None, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``sum(x - shift)`` and ``sum((x - shift) ** 2)`` over ``axes``, keeping dims.
+
+    The two sums spell ``x - shift`` differently (``x + (-shift)`` and ``shift - x``, equal in floating
+    point up to sign) on purpose: XLA would otherwise share one ``x - shift`` between both reductions and
+    the output and write it to memory, instead of fusing it into each of them.
+    """
+    if shift is None:
+        return jnp.sum(xv, axis=axes, keepdims=True), jnp.sum(jnp.square(xv), axis=axes, keepdims=True)
+    s1 = jnp.sum(xv + (-shift), axis=axes, keepdims=True)
+    s2 = jnp.sum(jnp.square(shift - xv), axis=axes, keepdims=True)
+    return s1, s2
+
+
+def _psum(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
+    return cast(jax.Array, jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups))  # type: ignore[no-untyped-call]
+
+
+@lru_cache(maxsize=256)
+def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) -> Callable[[jax.Array], Moments]:
+    """For a plan (and an optional device axis), a function from the statistics view of the input (in
+    the work dtype) to ``(shift, mean of x - shift, variance)``, each with the reduced axes kept."""
+    axes = plan.view_reduce_axes
+    groups_arg = None if axis_index_groups is None else [list(g) for g in axis_index_groups]  # type: ignore[attr-defined]
+
+    def total(value: jax.Array) -> jax.Array:
+        return value if axis_name is None else _psum(value, axis_name, groups_arg)
+
+    def count(like: jax.Array) -> jax.Array:
+        local = jnp.asarray(plan.group_size, like.dtype)
+        return total(local)
+
+    def moments(xv: jax.Array) -> Moments:
+        n = count(xv)
+        if plan.mean_close_to_zero:
+            shift = jnp.zeros((), xv.dtype)
+            s1, s2 = _shifted_sums(xv, None, axes)
+            s1, s2 = total(s1), total(s2)
+        elif axis_name is not None:
+            # Each device's mean of its own shard, averaged over devices: the same shift everywhere.
+            shift = total(jnp.sum(xv, axis=axes, keepdims=True)) / n
+            s1, s2 = _shifted_sums(xv, shift, axes)
+            s1, s2 = total(s1), total(s2)
+        else:
+            sample_axis = _sample_axis(plan, xv.shape)
+            if sample_axis is None:
+                shift = jnp.mean(xv, axis=axes, keepdims=True)
+                s1, s2 = _shifted_sums(xv, shift, axes)
+            else:
+                part = jax.lax.slice_in_dim(xv, 0, xv.shape[sample_axis] // SAMPLE_FRACTION, axis=sample_axis)
+                shift = jnp.mean(part, axis=axes, keepdims=True)
+                s1, s2 = _shifted_sums(xv, shift, axes)
+                m0 = s1 / n
+                far = jnp.any(jnp.square(m0) > s2 / n - jnp.square(m0))
+
+                def again(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    old, first, _ = args
+                    new = old + first / n
+                    return (new, *_shifted_sums(xv, new, axes))
+
+                shift, s1, s2 = jax.lax.cond(far, again, lambda args: args, (shift, s1, s2))
+        mean = s1 / n
+        var = jnp.maximum(s2 / n - jnp.square(mean), 0)
+        return shift, mean, var
+
+    @jax.custom_jvp
+    def stats(xv: jax.Array) -> Moments:
+        return moments(xv)
+
+    @stats.defjvp
+    def stats_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[Moments, Moments]:
+        (xv,), (dx,) = primals, tangents
+        shift, mean, var = stats(xv)
+        n = count(xv)
+        dmean = total(jnp.sum(dx, axis=axes, keepdims=True)) / n
+        centered = (xv - shift) - mean
+        dvar = 2 * total(jnp.sum(centered * dx, axis=axes, keepdims=True)) / n
+        return (shift, mean, var), (jnp.zeros_like(shift), dmean, dvar)
+
+    return cast(Callable[[jax.Array], Moments], stats)
+
+
+def _activate(y: jax.Array, activation: Activation) -> jax.Array:
+    if activation == "relu":
+        return jax.nn.relu(y)
+    if activation == "silu":
+        return jax.nn.silu(y)
+    if activation == "gelu":
+        return jax.nn.gelu(y, approximate=False)
+    return y
+
+
+def _hashable_groups(axis_index_groups: Any) -> tuple[tuple[int, ...], ...] | None:
+    if axis_index_groups is None:
+        return None
+    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+
+def execute(
+    plan: Plan,
+    x: jax.Array,
+    gamma: Any,
+    beta: Any,
+    activation: Activation,
+    *,
+    axis_name: Hashable = None,
+    axis_index_groups: Any = None,
+) -> jax.Array:
+    """Run a validated plan on a JAX array; ``gamma``/``beta`` are ``[C]`` array-likes or None.
+
+    ``axis_name`` (and ``axis_index_groups``, as ``jax.lax.psum`` takes them) makes the statistics run
+    over that mapped axis too, for input sharded over devices inside ``shard_map`` or ``pmap``.
+    """
+    x = jnp.asarray(x)
+    if x.size == 0:
+        return jnp.zeros_like(x)
+    fused = activation if isinstance(activation, str) else None
+    gamma = None if gamma is None else jnp.asarray(gamma)
+    beta = None if beta is None else jnp.asarray(beta)
+    out = _run(x, gamma, beta, plan, fused, axis_name, _hashable_groups(axis_index_groups))
+    return cast(jax.Array, activation(out)) if callable(activation) else out
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _run(
+    x: jax.Array,
+    gamma: jax.Array | None,
+    beta: jax.Array | None,
+    plan: Plan,
+    activation: str | None,
+    axis_name: Hashable,
+    axis_index_groups: tuple[tuple[int, ...], ...] | None,
+) -> jax.Array:
+    """The computation, compiled once per plan in eager use and inlined into an enclosing ``jit``."""
+    work = _work_dtype(x.dtype)
+    dims = x.shape
+    stats = _moments_fn(plan, axis_name, axis_index_groups)
+    shift, mean, var = stats(x.reshape(plan.view_shape(dims)).astype(work))
+    stats_shape = plan.stats_shape(dims)
+    shift = shift.reshape(stats_shape) if shift.ndim else shift
+    mean = mean.reshape(stats_shape)
+    rstd = jax.lax.rsqrt(var.reshape(stats_shape) + jnp.asarray(plan.epsilon, work))
+    scale = rstd if gamma is None else rstd * gamma.astype(work).reshape(plan.param_shape)
+    offset = -mean * scale if beta is None else beta.astype(work).reshape(plan.param_shape) - mean * scale
+    xs = x.reshape(plan.split_shape(dims)).astype(work)
+    y = xs * scale + offset if plan.mean_close_to_zero else (xs - shift) * scale + offset
+    return _activate(y, activation).astype(x.dtype).reshape(dims)
+
+
+def group_norm(
+    inputs: Any,
+    groups: int = 32,
+    channels_axis: int = -1,
+    reduction_axes: int | Sequence[int] = (-3, -2),
+    *,
+    gamma: Any = None,
+    beta: Any = None,
+    epsilon: float = 1e-6,
+    activation_fn: Activation = None,
+    mean_close_to_zero: bool = False,
+    axis_name: Hashable = None,
+    axis_index_groups: Any = None,
+) -> jax.Array:
+    """:func:`groupnorm.group_norm` for JAX arrays, plus statistics across devices.
+
+    ``axis_name`` names a mapped axis (of ``shard_map`` or ``pmap``) over which the input's groups are
+    sharded: mean and variance then run over every device's shard as well, so the output and gradients
+    equal those of the unsharded input. ``axis_index_groups`` restricts that to subsets of devices, as
+    in ``jax.lax.psum`` (``pmap`` only). Anything ``jnp.asarray`` takes is accepted as input.
+    """
+    x = jnp.asarray(inputs)
+    plan = plan_for(
+        _SELF,
+        x,
+        groups=groups,
+        channels_axis=channels_axis,
+        reduction_axes=reduction_axes,
+        gamma=gamma,
+        beta=beta,
+        epsilon=epsilon,
+        mean_close_to_zero=mean_close_to_zero,
+    )
+    activation = resolve_activation(activation_fn)
+    return execute(plan, x, gamma, beta, activation, axis_name=axis_name, axis_index_groups=axis_index_groups)
+
+
+_SELF = cast(Backend, sys.modules[__name__])

@@ -1,0 +1,205 @@
+"""TensorFlow backend: executes a plan on ``tf.Tensor`` / ``tf.Variable`` inputs.
+
+Works eagerly, inside ``tf.function`` (dynamic batch dimensions included, without retracing per batch
+size), under ``jit_compile=True``, in ``tf.compat.v1`` graphs and in SavedModels. Statistics accumulate in
+float32 for float16/bfloat16/float32 input and in float64 for float64 input.
+
+The computation is one small function per (plan, activation, parameter dtypes), compiled with XLA by
+default (:data:`JIT_COMPILE`), with a hand-written gradient:
+
+* default mode: a first reduction gives each group's rough mean ``K``; one more reduction gives the sum
+  and the sum of squares of ``x - K`` (exact near the mean, so a large mean loses nothing), and one
+  fused elementwise pass forms ``(x - K) * scale + offset`` with per-channel ``scale = rstd * gamma``,
+  ``offset = beta - mean(x - K) * scale``, then the fused activation.
+* ``mean_close_to_zero``: the same without the shift (one reduction pass), variance clamped at zero.
+* gradient: two reductions per (kept index, channel) -- of ``dy`` and of ``dy * xhat`` -- give the
+  gradients of ``beta`` and ``gamma`` and the two group means the input gradient needs, which is then one
+  fused elementwise pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import tensorflow as tf
+
+from groupnorm._plan import Activation, Plan
+
+NAME = "tensorflow"
+
+__all__ = ["JIT_COMPILE", "NAME", "dtype_name", "execute", "is_array", "static_shape"]
+
+#: compile the group normalization function with XLA (``jit_compile=True``). XLA fuses the statistics
+#: and the output pass; turn it off only where XLA is not available.
+JIT_COMPILE = True
+
+
+def is_array(x: object) -> bool:
+    return isinstance(x, tf.Tensor | tf.Variable)
+
+
+def static_shape(x: Any) -> tuple[int | None, ...] | None:
+    shape = tf.TensorShape(x.shape)
+    if shape.rank is None:
+        return None
+    return tuple(shape.as_list())
+
+
+def dtype_name(x: Any) -> str:
+    return str(tf.as_dtype(x.dtype).base_dtype.name)
+
+
+def _work_dtype(dtype: tf.DType) -> tf.DType:
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _dims(x: tf.Tensor) -> list[Any]:
+    """The input's shape: static ints where known, scalar tensors where dynamic."""
+    static: list[Any] = list(x.shape.as_list())
+    if all(d is not None for d in static):
+        return static
+    dynamic = tf.shape(x)
+    return [dynamic[i] if d is None else d for i, d in enumerate(static)]
+
+
+def _reduce_sum(t: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    """Sum over ``axes`` with keepdims; the innermost axis first where it is reduced (a row reduction,
+    which compilers vectorise much better than a strided one)."""
+    axes = sorted(axes)
+    last = len(t.shape) - 1
+    if axes and axes[-1] == last and len(axes) > 1:
+        t = tf.reduce_sum(t, axis=last, keepdims=True)
+        axes = axes[:-1]
+    return tf.reduce_sum(t, axis=axes, keepdims=True)
+
+
+def _activate(name: str | None, y: tf.Tensor) -> tf.Tensor:
+    if name is None:
+        return y
+    if name == "relu":
+        return tf.nn.relu(y)
+    if name == "silu":
+        return y * tf.sigmoid(y)
+    return 0.5 * y * (1.0 + tf.math.erf(y * (1.0 / math.sqrt(2.0))))
+
+
+def _activation_grad(name: str, pre: tf.Tensor) -> tf.Tensor:
+    """d activation / d pre-activation."""
+    if name == "relu":
+        return tf.cast(pre > 0, pre.dtype)
+    if name == "silu":
+        s = tf.sigmoid(pre)
+        return s * (1.0 + pre * (1.0 - s))
+    cdf = 0.5 * (1.0 + tf.math.erf(pre * (1.0 / math.sqrt(2.0))))
+    return cdf + pre * tf.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool) -> Callable[..., tf.Tensor]:
+    """The group normalization of ``plan`` as a function of ``(x, *params)`` with its gradient."""
+    reduce_view = plan.view_reduce_axes
+    split_reduce = plan.split_reduce_axes
+    c = plan.channels_axis
+    # per (kept index, channel) sums: every reduced split axis except the within-group one
+    coef_reduce = tuple(a for a in split_reduce if a != c + 1)
+    # from coefficient shape to per-channel: every axis but the two channel axes
+    channel_sum = tuple(a for a in range(plan.rank + 1) if a not in (c, c + 1))
+    n = float(max(plan.group_size, 1))
+
+    def statistics(x: tf.Tensor, work: tf.DType) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor]:
+        dims = _dims(x)
+        v = tf.cast(tf.reshape(x, plan.view_shape(dims)), work)
+        stats = plan.stats_shape(dims)
+        if plan.mean_close_to_zero:
+            shift = None
+            d = v
+        else:
+            shift = _reduce_sum(v, reduce_view) * (1.0 / n)
+            d = v - shift
+        s1 = _reduce_sum(d, reduce_view)
+        s2 = _reduce_sum(tf.square(d), reduce_view)
+        mean = s1 * (1.0 / n)
+        var = tf.maximum(s2 * (1.0 / n) - tf.square(mean), 0.0)
+        rstd = tf.math.rsqrt(var + tf.constant(plan.epsilon, work))
+        return (
+            None if shift is None else tf.reshape(shift, stats),
+            tf.reshape(mean, stats),
+            tf.reshape(rstd, stats),
+        )
+
+    def split_params(params: Sequence[tf.Tensor], work: tf.DType) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+        it = iter(params)
+        gamma = tf.reshape(tf.cast(next(it), work), plan.param_shape) if has_gamma else None
+        beta = tf.reshape(tf.cast(next(it), work), plan.param_shape) if has_beta else None
+        return gamma, beta
+
+    def forward(x: tf.Tensor, *params: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
+        work = _work_dtype(x.dtype)
+        dims = _dims(x)
+        shift, mean, rstd = statistics(x, work)
+        gamma, beta = split_params(params, work)
+        scale = rstd if gamma is None else rstd * gamma
+        offset = -mean * scale if beta is None else beta - mean * scale
+        xs = tf.cast(tf.reshape(x, plan.split_shape(dims)), work)
+        centered = xs if shift is None else xs - shift
+        y = tf.reshape(tf.cast(_activate(activation, centered * scale + offset), x.dtype), dims)
+
+        def grad(dy: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            dys = tf.cast(tf.reshape(dy, plan.split_shape(dims)), work)
+            xhat = (centered - mean) * rstd
+            if activation is not None:
+                pre = xhat if gamma is None else xhat * gamma
+                if beta is not None:
+                    pre = pre + beta
+                dys = dys * _activation_grad(activation, pre)
+            a = _reduce_sum(dys, coef_reduce)  # per (kept, channel): sum of dL/dpre
+            b = _reduce_sum(dys * xhat, coef_reduce)  # per (kept, channel): sum of dL/dpre * xhat
+            ga = a if gamma is None else a * gamma
+            gb = b if gamma is None else b * gamma
+            m1 = tf.reduce_sum(ga, axis=c + 1, keepdims=True) * (1.0 / n)
+            m2 = tf.reduce_sum(gb, axis=c + 1, keepdims=True) * (1.0 / n)
+            # dx = rstd * (g * dpre - m1 - xhat * m2), written as one fused pass over dpre and x - K
+            p = rstd if gamma is None else rstd * gamma
+            q = -rstd * rstd * m2
+            r = rstd * (rstd * m2 * mean - m1)
+            dx = tf.reshape(tf.cast(dys * p + centered * q + r, x.dtype), dims)
+            grads = [dx]
+            if has_gamma:
+                grads.append(tf.cast(tf.reshape(tf.reduce_sum(b, axis=channel_sum), [-1]), params[0].dtype))
+            if has_beta:
+                grads.append(tf.cast(tf.reshape(tf.reduce_sum(a, axis=channel_sum), [-1]), params[-1].dtype))
+            return tuple(grads)
+
+        return y, grad
+
+    return tf.custom_gradient(forward)  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=256)
+def _function(
+    plan: Plan, activation: str | None, param_dtypes: tuple[tf.DType | None, tf.DType | None], jit: bool
+) -> Callable[..., tf.Tensor]:
+    gamma_dtype, beta_dtype = param_dtypes
+    core = _build(plan, activation, gamma_dtype is not None, beta_dtype is not None)
+    signature = [tf.TensorSpec(plan.shape, tf.as_dtype(plan.dtype))]
+    signature += [tf.TensorSpec([plan.channels], d) for d in param_dtypes if d is not None]
+    return tf.function(core, input_signature=signature, jit_compile=jit, autograph=False)  # type: ignore[no-any-return]
+
+
+def _param(p: Any) -> tf.Tensor | None:
+    if p is None:
+        return None
+    return tf.convert_to_tensor(p)
+
+
+def execute(plan: Plan, x: Any, gamma: Any, beta: Any, activation: Activation) -> tf.Tensor:
+    """Run a validated plan on a TensorFlow tensor; ``gamma``/``beta`` are ``[C]`` tensors or None."""
+    x = tf.convert_to_tensor(x)
+    g, b = _param(gamma), _param(beta)
+    fused = activation if isinstance(activation, str) else None
+    fn = _function(plan, fused, (None if g is None else g.dtype, None if b is None else b.dtype), JIT_COMPILE)
+    y = fn(x, *(p for p in (g, b) if p is not None))
+    y.set_shape(x.shape)
+    return activation(y) if callable(activation) else y
