@@ -361,6 +361,9 @@ def _label(run: dict[str, Any], c: dict[str, Any]) -> str:
         parts.append(cfg["activation"])
     if cfg["dtype"] != "float32":
         parts.append(cfg["dtype"])
+    if cfg["mean_over_std"]:
+        parts.append(f"mean {cfg['mean_over_std']:g} x spread")
+    parts.append(f"threads {cfg['threads'] or 'default'}")
     return ", ".join(parts) + f" [{_shape(cfg)}]"
 
 
