@@ -289,14 +289,16 @@ def print_tables(doc: dict[str, Any], file: TextIO | None = None) -> None:
             )
         if run["accuracy"]:
             headers, rows = accuracy_table(run)
-            _table(f"Max abs error vs float64: {title} (gamma = 1, beta = 0)", headers, rows, file)
+            _table(f"Max abs error vs float64: {_title(cfg, False)} (gamma = 1, beta = 0)", headers, rows, file)
         notes = _notes(run)
         if notes:
             print("\n".join(["Not measured:", *(f"  {n}" for n in notes)]), file=file or sys.stdout)
 
 
-def _title(cfg: dict[str, Any]) -> str:
-    return f"{_shape(cfg)} {cfg['layout']} {cfg['dtype']}, {cfg['groups']} groups" + (
+def _title(cfg: dict[str, Any], dtype: bool = True) -> str:
+    """The configuration in words; accuracy runs set their own dtypes, so they leave it out."""
+    kind = f" {cfg['dtype']}" if dtype else ""
+    return f"{_shape(cfg)} {cfg['layout']}{kind}, {cfg['groups']} groups" + (
         f", {cfg['activation']}" if cfg["activation"] else ""
     )
 
@@ -313,7 +315,8 @@ def markdown(doc: dict[str, Any]) -> str:
     out: list[str] = []
     for run in doc["runs"]:
         cfg = run["config"]
-        out += [f"`{run['command']}`", "", f"{_title(cfg)}, threads: {cfg['threads'] or 'default'}", ""]
+        head = f"{_title(cfg, dtype=bool(run['speed']))}, threads: {cfg['threads'] or 'default'}"
+        out += [f"`{run['command']}`", "", head, ""]
         if run["comparisons"]:
             headers = ["framework", "variant", "mode", "groupnorm", "peer", "groupnorm ms", "peer ms", "ratio"]
             out += _md_table(headers, ratio_rows(run))
