@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -258,6 +259,7 @@ def load(paths: Sequence[str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log would bury the tables
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # and so would its notes on tracing many functions
     if args.load:
         try:
             doc = load(args.load)
