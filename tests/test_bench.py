@@ -13,7 +13,7 @@ import pytest
 
 import groupnorm.numpy
 from groupnorm.bench import _report, _runner, add_arguments, fw_numpy
-from groupnorm.bench._command import spec_from
+from groupnorm.bench._command import command_line, spec_from
 from groupnorm.bench._core import FRAMEWORKS, Spec, make_data, reference
 from groupnorm.cli import main
 from support import reference_group_norm
@@ -55,8 +55,12 @@ def test_defaults_are_a_small_run_of_everything() -> None:
 def test_measurement_commands_parse(
     argv: list[str], framework: list[str], layout: str, channels_axis: int, reduction_axes: tuple[int, ...]
 ) -> None:
-    args = parse(*argv, "--activation", "silu", "--mode", "forward")
+    args = parse(*argv, "--activation", "silu", "--mode", "forward", "--threads", "1")
     spec = spec_from(args)
+    assert args.threads == 1
+    words = command_line(args).split()
+    assert words[:2] == ["groupnorm", "bench"]
+    assert parse(*words[2:]) == args  # the recorded command measures the same thing
     assert args.framework == framework
     assert (spec.layout, spec.channels_axis, spec.reduction_axes) == (layout, channels_axis, reduction_axes)
     assert spec.activation == "silu"
