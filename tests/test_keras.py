@@ -237,8 +237,6 @@ def test_masking_passes_through() -> None:
         ((None, 4, 4, 8), {"axis": 4}, ValueError, "Axis is out of bounds."),
         ((None, 4, 4, 8), {"groups": 2, "reduction_axes": (0,)}, ValueError, "undefined dimensions"),
         ((None, 4, 4, 8), {"groups": 2, "reduction_axes": (3,)}, ValueError, "mutually exclusive"),
-        ((None, 4, 4, 8), {"groups": 0}, ValueError, "groups must be a positive int"),
-        ((None, 4, 4, 8), {"groups": 2, "epsilon": -1.0}, ValueError, "epsilon"),
     ],
 )
 def test_contract_errors_at_build(
@@ -246,3 +244,18 @@ def test_contract_errors_at_build(
 ) -> None:
     with pytest.raises(error, match=match):
         GroupNormalization(**kwargs).build(shape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"groups": 0}, ValueError, "groups must be a positive int"),
+        ({"groups": -2}, ValueError, "groups must be a positive int"),
+        ({"groups": 2.0}, TypeError, "groups must be a positive int"),
+        ({"epsilon": -1e-3}, ValueError, "epsilon"),
+        ({"mean_close_to_zero": "yes"}, TypeError, "mean_close_to_zero"),
+    ],
+)
+def test_argument_errors_at_construction(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        GroupNormalization(**kwargs)

@@ -13,6 +13,7 @@ from tf_slim.layers import layers as slim_layers
 from tf_slim.layers import normalization as slim_normalization
 
 import groupnorm.tf1
+from groupnorm.backends import tensorflow as tf_backend
 from support import Config, hard_data, reference_group_norm
 
 v1 = tf.compat.v1
@@ -45,9 +46,12 @@ def _initializers(channels: int, seed: int, dtype: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("shape", "kwargs"), DIFF_CONFIGS)
-def test_values_and_gradients_match_tf_slim(shape: tuple[int, ...], kwargs: dict[str, Any]) -> None:
-    for dtype in (np.float32, np.float64):
-        _compare_with_tf_slim(shape, kwargs, dtype)
+def test_values_and_gradients_match_tf_slim(
+    shape: tuple[int, ...], kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _compare_with_tf_slim(shape, kwargs, np.float32)  # the default, XLA-compiled path
+    monkeypatch.setattr(tf_backend, "JIT_COMPILE", False)
+    _compare_with_tf_slim(shape, kwargs, np.float64)  # and the plain TensorFlow one
 
 
 def _compare_with_tf_slim(shape: tuple[int, ...], kwargs: dict[str, Any], dtype: Any) -> None:
@@ -273,3 +277,25 @@ def test_tf2_migration_shim_creates_variables_once() -> None:
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(block(tf.constant(x)))
     assert all(g is not None for g in tape.gradient(loss, block.trainable_variables))
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_in_graph_mode(dtype: tf.DType) -> None:
+    x_val = np.clip(hard_data((2, 4, 4, 8), -1, 3.0, std=1.5e4), -6e4, 6e4)  # squares overflow float16
+    with tf.Graph().as_default():
+        x = v1.placeholder(tf.float32, [None, 4, 4, 8])
+        xh = tf.cast(x, dtype)
+        y = groupnorm.tf1.group_norm(xh, groups=4, epsilon=1e-5)
+        assert y.dtype == dtype
+        assert {v.dtype.base_dtype for v in v1.global_variables()} == {dtype}
+        (dx,) = v1.gradients(tf.reduce_sum(tf.cast(y, tf.float32)), [xh])
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            out, rounded, grad = sess.run(
+                [tf.cast(y, tf.float64), tf.cast(xh, tf.float64), tf.cast(dx, tf.float32)], {x: x_val}
+            )
+    assert np.isfinite(out).all()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(
+        out, reference_group_norm(rounded, 4, epsilon=1e-5), atol=2e-2 if dtype == tf.float16 else 8e-2
+    )

@@ -69,6 +69,19 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
         mean_close_to_zero: bool = False,
         **kwargs: Any,
     ) -> None:
+        # fail at construction, as Keras's layer does, on what does not depend on the input: the
+        # plan of a one-group-per-channel input with `groups` channels checks groups and epsilon
+        probe = 1 if groups == -1 else groups
+        channels = probe if isinstance(probe, int) and not isinstance(probe, bool) and probe > 0 else 1
+        make_plan(
+            (channels,),
+            "float32",
+            groups=probe,
+            channels_axis=0,
+            reduction_axes=(),
+            epsilon=epsilon,
+            mean_close_to_zero=mean_close_to_zero,
+        )
         super().__init__(**kwargs)
         self.supports_masking = True
         self.autocast = False

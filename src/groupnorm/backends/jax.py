@@ -8,15 +8,15 @@ float64 input); the output has the input's dtype.
 Numerics, as in the NumPy reference: the default mode subtracts a per-group shift ``K`` close to the
 group's mean, accumulates the sum and the sum of squares of ``x - K`` and forms the output as
 ``(x - K) * scale + offset``, which is exact to float32 rounding however large the mean is against the
-spread. ``K`` is found cheaply: for large groups it is the mean of a sixteenth of the group; when that
+spread. ``K`` is found cheaply: for large groups it is the mean of a 64th of the group; when that
 turns out to be far from the group's mean (further than one standard deviation, which only unusual data
 does) the sums are taken again around the mean just found, so accuracy never depends on the data's
 layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
 
 Statistics across devices: with ``axis_name`` (inside ``shard_map`` or ``pmap``) each device's input is
-one shard of the groups' elements. The shift is then the devices' agreed mean of their local means
-(``pmean``), and the shifted sums are added over devices (``psum``), so the result and its gradients are
-those of the unsharded input, with the same stability.
+one shard of the groups' elements. The shift is then the mean over all shards (their sums and counts
+added with ``psum``), the same on every device, and the shifted sums are added over devices too, so the
+result and its gradients are those of the unsharded input, with the same stability.
 
 The statistics carry a hand-written forward-mode derivative (``jax.custom_jvp``): the mean's tangent is
 the mean of the input's tangent and the variance's is ``2 * mean((x - mean) * dx)``. JAX transposes it
@@ -26,9 +26,11 @@ sums and once more to form the input's gradient, without differentiating through
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Callable, Hashable, Sequence
-from functools import lru_cache, partial
+from dataclasses import dataclass
+from functools import lru_cache, partial, reduce
 from typing import Any, cast
 
 import jax
@@ -42,9 +44,10 @@ NAME = "jax"
 __all__ = ["execute", "group_norm"]
 
 #: groups at least this large take their shift from a sample of the group (see the module docstring).
-SAMPLE_MIN_GROUP = 4096
-#: the sample is the first 1/SAMPLE_FRACTION of the outermost reduced axis of the statistics view.
-SAMPLE_FRACTION = 16
+SAMPLE_MIN_GROUP = 8192
+#: the sample is the first 1/SAMPLE_FRACTION of the first reduced axis (of at least that many elements)
+#: of the backend's view of the input (see ``_layout``).
+SAMPLE_FRACTION = 64
 
 Moments = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -67,28 +70,47 @@ def _work_dtype(dtype: Any) -> Any:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _sample_axis(plan: Plan, view: Sequence[Any]) -> int | None:
+@dataclass(frozen=True)
+class _Layout:
+    """How this backend views the input: neighbouring axes of the same kind (kept, reduced) merged, the
+    channel axis alone. Reductions then run over whole axes with the channels innermost or outermost,
+    which XLA compiles into fast per-channel reductions; the few channels of a group are summed after,
+    on the small per-channel result."""
+
+    runs: tuple[tuple[int, int], ...]
+    """Runs ``(start, stop)`` of input axes merged into one axis of the view."""
+    channel: int
+    """The view axis of the channels."""
+    reduced: tuple[int, ...]
+    """The view axes statistics run over (besides the channels of a group)."""
+
+    def shape(self, dims: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(reduce(operator.mul, dims[start:stop], 1) for start, stop in self.runs)
+
+
+@lru_cache(maxsize=512)
+def _layout(plan: Plan) -> _Layout:
+    kinds = ["r" if a in plan.reduction_axes else "k" for a in range(plan.rank)]
+    kinds[plan.channels_axis] = "c"
+    runs: list[tuple[int, int]] = []
+    for a, kind in enumerate(kinds):
+        if runs and kind != "c" and kinds[runs[-1][0]] == kind:
+            runs[-1] = (runs[-1][0], a + 1)
+        else:
+            runs.append((a, a + 1))
+    channel = next(i for i, (start, _) in enumerate(runs) if kinds[start] == "c")
+    reduced = tuple(i for i, (start, _) in enumerate(runs) if kinds[start] == "r")
+    return _Layout(tuple(runs), channel, reduced)
+
+
+def _sample_axis(plan: Plan, layout: _Layout, view: Sequence[Any]) -> int | None:
     """The view axis whose first 1/SAMPLE_FRACTION gives the shift, or None to use the whole group."""
     if plan.group_size < SAMPLE_MIN_GROUP:
         return None
-    for a in plan.view_reduce_axes:
+    for a in layout.reduced:
         if isinstance(view[a], int) and view[a] >= SAMPLE_FRACTION:
             return a
     return None
-
-
-def _shifted_sums(xv: jax.Array, shift: jax.Array | None, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``sum(x - shift)`` and ``sum((x - shift) ** 2)`` over ``axes``, keeping dims.
-
-    The two sums spell ``x - shift`` differently (``x + (-shift)`` and ``shift - x``, equal in floating
-    point up to sign) on purpose: XLA would otherwise share one ``x - shift`` between both reductions and
-    the output and write it to memory, instead of fusing it into each of them.
-    """
-    if shift is None:
-        return jnp.sum(xv, axis=axes, keepdims=True), jnp.sum(jnp.square(xv), axis=axes, keepdims=True)
-    s1 = jnp.sum(xv + (-shift), axis=axes, keepdims=True)
-    s2 = jnp.sum(jnp.square(shift - xv), axis=axes, keepdims=True)
-    return s1, s2
 
 
 def _psum(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
@@ -97,45 +119,64 @@ def _psum(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array
 
 @lru_cache(maxsize=256)
 def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) -> Callable[[jax.Array], Moments]:
-    """For a plan (and an optional device axis), a function from the statistics view of the input (in
-    the work dtype) to ``(shift, mean of x - shift, variance)``, each with the reduced axes kept."""
-    axes = plan.view_reduce_axes
-    groups_arg = None if axis_index_groups is None else [list(g) for g in axis_index_groups]  # type: ignore[attr-defined]
+    """For a plan (and an optional device axis), a function from the input in :func:`_layout`'s view (in
+    the work dtype) to per-group ``(shift, mean of x - shift, variance)``: the view's shape with the
+    reduced axes set to 1 and the channel axis to the number of groups."""
+    layout = _layout(plan)
+    axes, c, g = layout.reduced, layout.channel, plan.groups
+    groups_arg = None if axis_index_groups is None else [list(i) for i in axis_index_groups]  # type: ignore[attr-defined]
 
     def total(value: jax.Array) -> jax.Array:
         return value if axis_name is None else _psum(value, axis_name, groups_arg)
 
     def count(like: jax.Array) -> jax.Array:
-        local = jnp.asarray(plan.group_size, like.dtype)
-        return total(local)
+        return total(jnp.asarray(plan.group_size, like.dtype))
+
+    def per_group(per_channel: jax.Array) -> jax.Array:
+        s = per_channel.shape
+        return jnp.sum(per_channel.reshape((*s[:c], g, s[c] // g, *s[c + 1 :])), axis=c + 1)
+
+    def group_sum(values: jax.Array) -> jax.Array:
+        return per_group(jnp.sum(values, axis=axes, keepdims=True))
+
+    def shifted_sums(xv: jax.Array, shift: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Per-group ``sum(x - shift)`` and ``sum((x - shift) ** 2)``.
+
+        The two spell ``x - shift`` differently (``x + (-shift)`` and ``shift - x``, equal in floating
+        point up to sign) on purpose: XLA would otherwise share one ``x - shift`` between both
+        reductions and write it to memory, instead of fusing it into each of them.
+        """
+        if shift is None:
+            s1, s2 = jnp.sum(xv, axis=axes, keepdims=True), jnp.sum(jnp.square(xv), axis=axes, keepdims=True)
+        else:
+            sc = to_channels(shift, plan)
+            s1 = jnp.sum(xv + (-sc), axis=axes, keepdims=True)
+            s2 = jnp.sum(jnp.square(sc - xv), axis=axes, keepdims=True)
+        return total(per_group(s1)), total(per_group(s2))
 
     def moments(xv: jax.Array) -> Moments:
         n = count(xv)
         if plan.mean_close_to_zero:
             shift = jnp.zeros((), xv.dtype)
-            s1, s2 = _shifted_sums(xv, None, axes)
-            s1, s2 = total(s1), total(s2)
-        elif axis_name is not None:
-            # Each device's mean of its own shard, averaged over devices: the same shift everywhere.
-            shift = total(jnp.sum(xv, axis=axes, keepdims=True)) / n
-            s1, s2 = _shifted_sums(xv, shift, axes)
-            s1, s2 = total(s1), total(s2)
+            s1, s2 = shifted_sums(xv, None)
         else:
-            sample_axis = _sample_axis(plan, xv.shape)
+            sample_axis = None if axis_name is not None else _sample_axis(plan, layout, xv.shape)
             if sample_axis is None:
-                shift = jnp.mean(xv, axis=axes, keepdims=True)
-                s1, s2 = _shifted_sums(xv, shift, axes)
+                # With devices: each device's mean of its shard, averaged: the same shift everywhere.
+                shift = total(group_sum(xv)) / n
+                s1, s2 = shifted_sums(xv, shift)
             else:
-                part = jax.lax.slice_in_dim(xv, 0, xv.shape[sample_axis] // SAMPLE_FRACTION, axis=sample_axis)
-                shift = jnp.mean(part, axis=axes, keepdims=True)
-                s1, s2 = _shifted_sums(xv, shift, axes)
+                size = xv.shape[sample_axis] // SAMPLE_FRACTION
+                part = jax.lax.slice_in_dim(xv, 0, size, axis=sample_axis)
+                shift = group_sum(part) / (n * size / xv.shape[sample_axis])
+                s1, s2 = shifted_sums(xv, shift)
                 m0 = s1 / n
                 far = jnp.any(jnp.square(m0) > s2 / n - jnp.square(m0))
 
                 def again(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
                     old, first, _ = args
                     new = old + first / n
-                    return (new, *_shifted_sums(xv, new, axes))
+                    return (new, *shifted_sums(xv, new))
 
                 shift, s1, s2 = jax.lax.cond(far, again, lambda args: args, (shift, s1, s2))
         mean = s1 / n
@@ -151,12 +192,30 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
         (xv,), (dx,) = primals, tangents
         shift, mean, var = stats(xv)
         n = count(xv)
-        dmean = total(jnp.sum(dx, axis=axes, keepdims=True)) / n
-        centered = (xv - shift) - mean
-        dvar = 2 * total(jnp.sum(centered * dx, axis=axes, keepdims=True)) / n
+        dmean = total(group_sum(dx)) / n
+        centered = (xv - to_channels(shift, plan)) - to_channels(mean, plan)
+        dvar = 2 * total(group_sum(centered * dx)) / n
         return (shift, mean, var), (jnp.zeros_like(shift), dmean, dvar)
 
     return cast(Callable[[jax.Array], Moments], stats)
+
+
+def _clear_last_bit(values: jax.Array) -> jax.Array:
+    """``values`` with the lowest mantissa bit cleared: within one unit in the last place, and the
+    difference is exact in floating point."""
+    uint = jnp.uint64 if values.dtype == jnp.float64 else jnp.uint32
+    bits = jax.lax.bitcast_convert_type(values, uint)
+    return jax.lax.bitcast_convert_type(bits & ~jnp.asarray(1, uint), values.dtype)
+
+
+def to_channels(per_group: jax.Array, plan: Plan) -> jax.Array:
+    """Per-group statistics (groups on :func:`_layout`'s channel axis) repeated for each channel."""
+    if per_group.ndim == 0:
+        return per_group
+    c = _layout(plan).channel
+    s = per_group.shape
+    wide = jnp.broadcast_to(jnp.expand_dims(per_group, c + 1), (*s[: c + 1], plan.group_channels, *s[c + 1 :]))
+    return wide.reshape((*s[:c], plan.channels, *s[c + 1 :]))
 
 
 def _activate(y: jax.Array, activation: Activation) -> jax.Array:
@@ -213,16 +272,30 @@ def _run(
     """The computation, compiled once per plan in eager use and inlined into an enclosing ``jit``."""
     work = _work_dtype(x.dtype)
     dims = x.shape
-    stats = _moments_fn(plan, axis_name, axis_index_groups)
-    shift, mean, var = stats(x.reshape(plan.view_shape(dims)).astype(work))
-    stats_shape = plan.stats_shape(dims)
-    shift = shift.reshape(stats_shape) if shift.ndim else shift
-    mean = mean.reshape(stats_shape)
-    rstd = jax.lax.rsqrt(var.reshape(stats_shape) + jnp.asarray(plan.epsilon, work))
-    scale = rstd if gamma is None else rstd * gamma.astype(work).reshape(plan.param_shape)
-    offset = -mean * scale if beta is None else beta.astype(work).reshape(plan.param_shape) - mean * scale
-    xs = x.reshape(plan.split_shape(dims)).astype(work)
-    y = xs * scale + offset if plan.mean_close_to_zero else (xs - shift) * scale + offset
+    layout = _layout(plan)
+    view = layout.shape(dims)
+    xv = x.reshape(view).astype(work)
+    shift, mean, var = _moments_fn(plan, axis_name, axis_index_groups)(xv)
+    rstd = jax.lax.rsqrt(var + jnp.asarray(plan.epsilon, work))
+    param_shape = tuple(plan.channels if i == layout.channel else 1 for i in range(len(view)))
+    scale = to_channels(rstd, plan)
+    if gamma is not None:
+        scale = scale * gamma.astype(work).reshape(param_shape)
+    if plan.mean_close_to_zero:
+        centered, mean_here = xv, mean
+    else:
+        # The output's own shift: the statistics' shift with its last mantissa bit cleared. The two
+        # differ by an exactly representable amount, folded into the mean below, so the result is the
+        # same; but being a different value, XLA fuses each use of ``x - shift`` into its own pass
+        # (forward statistics, output, and under autodiff the backward reductions) instead of sharing
+        # one and writing it to memory.
+        near = _clear_last_bit(shift)
+        centered = xv - to_channels(near, plan)
+        mean_here = (shift - near) + mean
+    offset = -to_channels(mean_here, plan) * scale
+    if beta is not None:
+        offset = offset + beta.astype(work).reshape(param_shape)
+    y = centered * scale + offset
     return _activate(y, activation).astype(x.dtype).reshape(dims)
 
 
