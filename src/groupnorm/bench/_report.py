@@ -390,7 +390,8 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ax = fig.add_axes((0.45, (top + 0.75) / height, 0.47, (bar_h - 1.15) / height))
         y = list(range(len(bars)))[::-1]
         ratios = [b[1] for b in bars]
-        ax.barh(y, ratios, color=["tab:green" if r <= 1 else "tab:red" for r in ratios])
+        colors = ["tab:green" if r <= 1 else "tab:red" for r in ratios]
+        ax.barh(y, [r - 1 for r in ratios], left=1, color=colors)  # from 1: faster left, slower right
         ax.set_yticks(y, [f"{b[0]} vs {b[2]}" for b in bars], fontsize=8)
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_xscale("log")
