@@ -9,6 +9,7 @@ from collections.abc import Sequence
 #: sub-command -> module with ``add_arguments(parser)`` and ``run(args) -> int``, imported on use.
 COMMANDS = {
     "demo": "groupnorm.demo",
+    "bench": "groupnorm.bench",
 }
 
 

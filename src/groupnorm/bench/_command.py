@@ -1,0 +1,286 @@
+"""Argument parsing and the command's flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import groupnorm
+from groupnorm.bench import _report, _runner
+from groupnorm.bench._core import FRAMEWORKS, LAYOUTS, MODES, Spec
+
+DEFAULT_SHAPE = (8, 32, 32, 64)
+_DEFAULT = ",".join(map(str, DEFAULT_SHAPE))
+ACTIVATIONS = ("none", "relu", "silu", "gelu")
+DTYPES = ("float32", "float16", "float64")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is comma-separated ints, like 8,32,32,64; got {text!r}") from None
+    if len(shape) < 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs a batch, a channel and a spatial axis, all >= 1; got {text!r}")
+    return shape
+
+
+def _frameworks(text: str) -> list[str]:
+    names = list(FRAMEWORKS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FRAMEWORKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"frameworks are 'all' or some of {', '.join(FRAMEWORKS)}; got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--framework",
+        "-f",
+        type=_frameworks,
+        default=list(FRAMEWORKS),
+        metavar="NAMES",
+        help=f"comma-separated, from {', '.join(FRAMEWORKS)}, or 'all' (default: all)",
+    )
+    parser.add_argument(
+        "--shape",
+        type=_shape,
+        default=DEFAULT_SHAPE,
+        metavar="N,..",
+        help=f"input shape in --layout order, e.g. 16,256,64,64 for NCHW (default: {_DEFAULT})",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="NHWC",
+        help="axis order of --shape; NumPy, Keras and tf1 run it as given, torch always runs NCHW "
+        "(contiguous and channels_last), Flax always NHWC (default: %(default)s)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--groups", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--epsilon", type=float, default=1e-5, help="the same for every layer (default: %(default)s)")
+    parser.add_argument(
+        "--activation", choices=ACTIVATIONS, default="none", help="fused by groupnorm, applied after by peers"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=(*MODES, "both"),
+        default="both",
+        help="forward, forward+backward (gradients of sum(y * dy) w.r.t. input and parameters) or both "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: %(default)s)")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.02,
+        metavar="SECONDS",
+        help="repeat a call within a round until a sample lasts this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--accuracy", action="store_true", help="measure accuracy against float64 (instead of speed, unless --speed)"
+    )
+    parser.add_argument("--speed", action="store_true", help="measure speed too when --accuracy is given")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON (schema: docs/benchmarks.md)")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the ratios and accuracy")
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables in Markdown")
+    parser.add_argument(
+        "--load", nargs="+", metavar="JSON", help="measure nothing: show (and --plot, --json) saved results, merged"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per framework (default: each framework's own); 1 gives steadier figures on a busy machine",
+    )
+    parser.add_argument(
+        "--mean-over-std",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="speed data: every group's mean is RATIO times its spread (implementations may take another path "
+        "for data with a large mean; default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def spec_from(args: argparse.Namespace) -> Spec:
+    """The configuration ``args`` describe, validated by groupnorm's own plan."""
+    spec = Spec(
+        shape=tuple(args.shape),
+        layout=args.layout,
+        dtype=args.dtype,
+        groups=args.groups,
+        epsilon=args.epsilon,
+        activation=None if args.activation == "none" else args.activation,
+    )
+    groupnorm.make_plan(
+        spec.shape,
+        spec.dtype,
+        groups=spec.groups,
+        channels_axis=spec.channels_axis,
+        reduction_axes=spec.reduction_axes,
+        epsilon=spec.epsilon,
+    )
+    return spec
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[_runner.Progress]:
+    if quiet:
+        yield lambda n, d: None
+        return
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # pragma: no cover - rich comes with the bench extra
+        yield lambda n, d: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, console=None) as bar:
+        task = bar.add_task("starting", total=total)
+
+        def advance(n: int, description: str) -> None:
+            bar.update(task, advance=n, description=description)
+
+        yield advance
+
+
+_MEASURED = (
+    "framework",
+    "shape",
+    "layout",
+    "dtype",
+    "groups",
+    "epsilon",
+    "activation",
+    "mode",
+    "repeats",
+    "warmup",
+    "min_time",
+    "accuracy",
+    "speed",
+    "threads",
+    "mean_over_std",
+    "seed",
+)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that measures what ``args`` measure: every option that differs from its default."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    words = ["groupnorm", "bench"]
+    for name in _MEASURED:
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, list | tuple):
+            words += [flag, ",".join(map(str, value))]
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run what ``args`` ask for; returns the JSON document."""
+    spec = spec_from(args)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    speed = args.speed or not args.accuracy
+    frameworks: list[str] = list(args.framework)
+    total = (len(frameworks) * len(modes) * (args.repeats + 1) if speed else 0) + (
+        len(frameworks) * len(_runner.ACCURACY_CASES) if args.accuracy else 0
+    )
+    rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    accuracy: list[dict[str, Any]] = []
+    _runner.set_threads(args.threads)
+    with _progress(total, args.quiet or not sys.stderr.isatty()) as progress:
+        if speed:
+            rows, comparisons = _runner.run_speed(
+                spec,
+                frameworks,
+                modes,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                min_sample_s=args.min_time,
+                seed=args.seed,
+                mean_over_std=args.mean_over_std,
+                progress=progress,
+            )
+        if args.accuracy:
+            accuracy = _runner.run_accuracy(spec, frameworks, seed=args.seed, progress=progress)
+    config = {
+        **spec.describe(),
+        "frameworks": frameworks,
+        "modes": modes if speed else [],
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "min_sample_s": args.min_time,
+        "seed": args.seed,
+        "mean_over_std": args.mean_over_std,
+        "threads": args.threads,
+    }
+    command = command_line(args)
+    run = {"command": command, "config": config, "speed": rows, "comparisons": comparisons, "accuracy": accuracy}
+    return {
+        "schema": _report.SCHEMA_ID,
+        "groupnorm_version": groupnorm.__version__,
+        "created": _report.now(),
+        "machine": _report.machine(),
+        "runs": [run],
+    }
+
+
+def load(paths: Sequence[str]) -> dict[str, Any]:
+    """Saved documents merged into one (the first one's machine and date)."""
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        errors = _report.validate(doc)
+        if errors:
+            raise ValueError(f"{path} is not a groupnorm bench document: {'; '.join(errors[:5])}")
+        docs.append(doc)
+    return {**docs[0], "runs": [run for doc in docs for run in doc["runs"]]}
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log would bury the tables
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # and so would its notes on tracing many functions
+    if args.load:
+        try:
+            doc = load(args.load)
+        except (OSError, ValueError) as e:
+            print(f"groupnorm bench: {e}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            spec_from(args)
+        except (TypeError, ValueError) as e:
+            print(f"groupnorm bench: {e}", file=sys.stderr)
+            return 2
+        doc = measure(args)
+    _report.print_tables(doc)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(_report.markdown(doc))
+    if args.plot:
+        _report.plot(doc, args.plot)
+    return 0
