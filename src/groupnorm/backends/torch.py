@@ -471,6 +471,8 @@ class _Native:
     xn: torch.Tensor
     mean: torch.Tensor
     rstd: torch.Tensor
+    pre: torch.Tensor | None = None
+    """The output before the activation, kept when a gradient will be asked for."""
 
 
 def _native_view(plan: Plan, x: torch.Tensor) -> tuple[tuple[int, ...], bool, torch.Tensor] | None:
@@ -488,9 +490,18 @@ def _native_view(plan: Plan, x: torch.Tensor) -> tuple[tuple[int, ...], bool, to
 
 
 def _native_forward(
-    plan: Plan, x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, activation: str | None
+    plan: Plan,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    activation: str | None,
+    keep_pre: bool = False,
 ) -> tuple[torch.Tensor, _Native] | None:
-    """torch's own kernel, where the layout is its own and the result is provably within ~1e-6."""
+    """torch's own kernel, where the layout is its own and the result is provably within ~1e-6.
+
+    With ``keep_pre`` the output before the activation is kept for the backward pass (which then needs
+    one fused activation-gradient kernel instead of recomputing it), at the cost of a separate output.
+    """
     found = _native_view(plan, x)
     if found is None:
         return None
@@ -515,12 +526,16 @@ def _native_forward(
         worst = (mean.abs() * rstd).max()
         if not bool(worst <= NATIVE_MEAN_BOUND):  # NaN fails too: the exact path decides then
             return None
+    pre = None
     if activation is not None:
-        _activate_(y, activation)
+        if keep_pre:
+            pre, y = y, _activate(y, activation)
+        else:
+            _activate_(y, activation)
     if unsqueezed:
         y = y.squeeze(0)
     inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-    return y.permute(inverse), _Native(order, inverse, unsqueezed, xn, mean, rstd)
+    return y.permute(inverse), _Native(order, inverse, unsqueezed, xn, mean, rstd, pre)
 
 
 def _native_backward(
@@ -540,7 +555,9 @@ def _native_backward(
         dyn = dyn.unsqueeze(0)
     dyn = dyn.contiguous()
     w = None if gamma is None else gamma.detach().to(xn.dtype)
-    if activation is not None:
+    if activation is not None and saved.pre is not None:
+        dyn = _ACTIVATION_BACKWARD[activation](dyn, saved.pre)
+    elif activation is not None:
         per_channel = (n, c) + (1,) * (xn.dim() - 2)
         cg = plan.group_channels
         rstd = saved.rstd.repeat_interleave(cg, dim=1).view(per_channel)
@@ -565,6 +582,14 @@ def _native_backward(
     return (dx if mask[0] else None), (dgamma if mask[1] else None), (dbeta if mask[2] else None)
 
 
+#: torch's fused activation gradients: (gradient of the output, input of the activation) -> gradient.
+_ACTIVATION_BACKWARD = {
+    "relu": lambda dy, pre: torch.ops.aten.threshold_backward(dy, pre, 0),
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": torch.ops.aten.gelu_backward,
+}
+
+
 class _GroupNormFunction(torch.autograd.Function):
     """Torch's own kernel where it is exact, else the blocked passes; higher-order gradients go through
     :func:`composite`."""
@@ -577,9 +602,10 @@ class _GroupNormFunction(torch.autograd.Function):
         beta: torch.Tensor | None,
         plan: Plan,
         activation: str | None,
+        grad_wanted: bool,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            native = _native_forward(plan, x, gamma, beta, activation) if NATIVE else None
+            native = _native_forward(plan, x, gamma, beta, activation, grad_wanted) if NATIVE else None
             if native is None:
                 out, saved = blocked_forward(plan, x, gamma, beta, activation)
                 ctx.stats = saved
@@ -600,7 +626,7 @@ class _GroupNormFunction(torch.autograd.Function):
                 y = composite(ctx.plan, x, gamma, beta, ctx.activation)
                 found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
             grads = [next(found) if need else None for need in needs]
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(ctx.stats, _Native):
                 dx, dgamma, dbeta = _native_backward(ctx.plan, gamma, beta, ctx.activation, ctx.stats, dy, needs)  # type: ignore[arg-type]
@@ -615,7 +641,7 @@ class _GroupNormFunction(torch.autograd.Function):
                     dy,
                     needs,  # type: ignore[arg-type]
                 )
-        return dx, dgamma, dbeta, None, None
+        return dx, dgamma, dbeta, None, None, None
 
 
 def _tracing() -> bool:
@@ -636,5 +662,6 @@ def execute(plan: Plan, x: torch.Tensor, gamma: Any, beta: Any, activation: Acti
     if _tracing() or x.numel() == 0 or type(x) is not torch.Tensor:
         y = composite(plan, x, g, b, fused)
     else:
-        y = _GroupNormFunction.apply(x, g, b, plan, fused)  # type: ignore[no-untyped-call]
+        grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, b))
+        y = _GroupNormFunction.apply(x, g, b, plan, fused, grad_wanted)  # type: ignore[no-untyped-call]
     return activation(y) if callable(activation) else y  # type: ignore[no-any-return]
