@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -583,7 +583,7 @@ def _native_backward(
 
 
 #: torch's fused activation gradients: (gradient of the output, input of the activation) -> gradient.
-_ACTIVATION_BACKWARD = {
+_ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "relu": lambda dy, pre: torch.ops.aten.threshold_backward(dy, pre, 0),
     "silu": torch.ops.aten.silu_backward,
     "gelu": torch.ops.aten.gelu_backward,
