@@ -39,3 +39,31 @@ def test_package_is_typed():
 def test_development_pins_keep_the_cpu_torch_wheel():
     constraints = (ROOT / "requirements" / "constraints.txt").read_text().split()
     assert "torch==2.13.0" in constraints
+
+
+def test_wheel_ships_the_kernel_source(tmp_path: Path) -> None:
+    """The torch backend compiles its CPU kernel from the installed source: the wheel must carry it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("groupnorm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "groupnorm/backends/_cpu_kernel.c" in names
+    assert "groupnorm/py.typed" in names

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from groupnorm._plan import Activation, Plan
+from groupnorm.backends import _cpu_kernel
 
 NAME = "torch"
 
@@ -43,6 +44,9 @@ BLOCK_ELEMENTS = 1 << 22
 
 #: whether to use torch's own kernel where it is provably accurate (tests turn it off to check the rest).
 NATIVE = True
+
+#: whether to use groupnorm's compiled CPU kernel for float32 where it is available (likewise).
+KERNEL = True
 
 #: per reduced axis, how many leading elements the rough shift ``K`` averages.
 _SHIFT_SAMPLE = 8
@@ -452,6 +456,128 @@ def blocked_backward(
 
 
 # --------------------------------------------------------------------------------------------------
+# the compiled CPU kernel: float32 input whose memory order is (kept, reduced, channels, reduced), such as
+# NCHW, NHWC and channels-last NCHW; see _cpu_kernel.c
+
+
+@dataclass
+class _Kernel:
+    """What the kernel's forward pass saved: per (kept row, group) its shift, mean and rstd."""
+
+    layout: _Layout
+    geometry: tuple[int, int, int, int]
+    shift: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    pre: torch.Tensor | None = None
+    """The output before the activation, kept when a gradient will be asked for."""
+
+
+def _kernel_geometry(layout: _Layout, view: Sequence[int]) -> tuple[int, int, int, int] | None:
+    """The compute view as the kernel's ``(K, A, C, B)``, where its runs are ``[kept] [reduced] channels
+    [reduced]`` once runs of length 1 (which move no memory) are left out."""
+    runs: list[tuple[str, int]] = []
+    for cls, size in zip(layout.classes, view, strict=True):
+        if size == 1 and cls != _CHANNEL:
+            continue
+        if runs and runs[-1][0] == cls:
+            runs[-1] = (cls, runs[-1][1] * size)
+        else:
+            runs.append((cls, size))
+    k = runs.pop(0)[1] if runs[0][0] == _KEPT else 1
+    a = runs.pop(0)[1] if runs[0][0] == _REDUCED else 1
+    if runs[0][0] != _CHANNEL or [cls for cls, _ in runs[1:]] not in ([], [_REDUCED]):
+        return None
+    return k, a, runs[0][1], runs[1][1] if len(runs) > 1 else 1
+
+
+def _kernel_param(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _kernel_forward(
+    plan: Plan,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    activation: str | None,
+    keep_pre: bool = False,
+) -> tuple[torch.Tensor, _Kernel] | None:
+    """The compiled kernel's forward pass, where it applies and is available."""
+    if not KERNEL or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    perm, xp = _memory_order(x)
+    layout = _layout(plan, perm)
+    geometry = _kernel_geometry(layout, layout.view_shape(xp.shape))
+    lib = None if geometry is None else _cpu_kernel.load()
+    if lib is None or geometry is None:
+        return None
+    k, a, c, b = geometry
+    g, w, bias = plan.groups, _kernel_param(gamma), _kernel_param(beta)
+    out = torch.empty(xp.shape, dtype=torch.float32)
+    shift, mean, rstd = (torch.empty(k, g) for _ in range(3))
+    status = lib.groupnorm_forward_f32(
+        xp.data_ptr(), out.data_ptr(), k, a, c, b, g, _ptr(w), _ptr(bias), plan.epsilon,
+        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+    y = out.permute(layout.inverse)
+    pre = None
+    if activation is not None:
+        if keep_pre:
+            pre, y = y, _activate(y, activation)
+        else:
+            _activate_(y, activation)
+    return y, _Kernel(layout, geometry, shift, mean, rstd, pre)
+
+
+def _kernel_backward(
+    plan: Plan,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    activation: str | None,
+    saved: _Kernel,
+    dy: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    lib = _cpu_kernel.load()
+    assert lib is not None  # the forward pass loaded it
+    if activation is not None:
+        pre = saved.pre
+        if pre is None:
+            found = _kernel_forward(plan, x, gamma, beta, None)
+            assert found is not None
+            pre = found[0]
+        dy = _ACTIVATION_BACKWARD[activation](dy.to(torch.float32), pre)
+    layout = saved.layout
+    xp, dyp = x.permute(layout.perm).contiguous(), dy.permute(layout.perm).to(torch.float32).contiguous()
+    k, a, c, b = saved.geometry
+    w = _kernel_param(gamma)
+    dx = torch.empty(xp.shape, dtype=torch.float32) if needs[0] else None
+    dgamma = torch.empty(c) if needs[1] and gamma is not None else None
+    dbeta = torch.empty(c) if needs[2] and beta is not None else None
+    status = lib.groupnorm_backward_f32(
+        xp.data_ptr(), dyp.data_ptr(), _ptr(dx), k, a, c, b, plan.groups, _ptr(w),
+        saved.shift.data_ptr(), saved.mean.data_ptr(), saved.rstd.data_ptr(), _ptr(dgamma), _ptr(dbeta),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+    return (
+        None if dx is None else dx.permute(layout.inverse),
+        None if dgamma is None or gamma is None else dgamma.to(gamma.dtype),
+        None if dbeta is None or beta is None else dbeta.to(beta.dtype),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # autograd and dispatch
 
 
@@ -605,12 +731,15 @@ class _GroupNormFunction(torch.autograd.Function):
         grad_wanted: bool,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            native = _native_forward(plan, x, gamma, beta, activation, grad_wanted) if NATIVE else None
-            if native is None:
-                out, saved = blocked_forward(plan, x, gamma, beta, activation)
-                ctx.stats = saved
+            found: tuple[torch.Tensor, _Native | _Kernel] | None = None
+            if NATIVE:
+                found = _native_forward(plan, x, gamma, beta, activation, grad_wanted)
+            if found is None:
+                found = _kernel_forward(plan, x, gamma, beta, activation, grad_wanted)
+            if found is None:
+                out, ctx.stats = blocked_forward(plan, x, gamma, beta, activation)
             else:
-                out, ctx.stats = native
+                out, ctx.stats = found
         ctx.plan, ctx.activation = plan, activation
         ctx.save_for_backward(x, gamma, beta)
         return out
@@ -630,6 +759,8 @@ class _GroupNormFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(ctx.stats, _Native):
                 dx, dgamma, dbeta = _native_backward(ctx.plan, gamma, beta, ctx.activation, ctx.stats, dy, needs)  # type: ignore[arg-type]
+            elif isinstance(ctx.stats, _Kernel):
+                dx, dgamma, dbeta = _kernel_backward(ctx.plan, x, gamma, beta, ctx.activation, ctx.stats, dy, needs)  # type: ignore[arg-type]
             else:
                 dx, dgamma, dbeta = blocked_backward(
                     ctx.plan,

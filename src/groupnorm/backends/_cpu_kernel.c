@@ -1,0 +1,418 @@
+/* groupnorm's CPU kernels for float32 tensors, compiled on first use by _cpu_kernel.py.
+
+   A tensor is seen as the contiguous view (K, A, C, B): K kept rows (the batch), C channels in G groups of
+   consecutive channels, and statistics over each group's (A, channels, B) block. NHWC and channels-last
+   NCHW input is (N, H*W, C, 1); contiguous NCHW is (N, 1, C, H*W).
+
+   Numerics are the project's: every group is shifted by the mean of its leading corner (up to 8 x 8
+   elements per channel), so that x - shift is exact for values near the mean, and the sums of
+   (x - shift) and its square accumulate in float64. The output is (x - shift) * scale + offset.
+
+   Work is split into tasks of whole rows of K, or of A (and, where B > 1, of whole groups), each writing
+   its own partial sums, which are then added in a fixed order. The split depends on the shape alone, so
+   results do not depend on the number of threads. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+#define CORNER 8
+/* tasks wanted at least, where the input allows: enough to keep 16 threads busy */
+#define TASKS 16
+
+#if defined(_OPENMP)
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+#else
+#define PARALLEL_FOR
+#endif
+
+/* How the work is split: A into a_chunks chunks of a_step rows, groups into g_chunks chunks of g_step. */
+typedef struct {
+    i64 K, A, C, B, G, cg;
+    i64 a_step, a_chunks, g_step, g_chunks;
+} split;
+
+static split make_split(i64 K, i64 A, i64 C, i64 B, i64 G) {
+    split s = {K, A, C, B, G, C / G, A, 1, G, 1};
+    const i64 per_a = C * B;      /* elements in one row of A */
+    const i64 min_task = 1 << 15; /* elements: below this a task costs more to start than to run */
+    i64 tasks_k = K;
+    if (tasks_k < TASKS && A > 1) {
+        i64 chunks = (TASKS + K - 1) / K;
+        i64 step = (A + chunks - 1) / chunks;
+        i64 floor_step = (min_task + per_a - 1) / per_a;
+        if (step < floor_step) step = floor_step;
+        if (step > A) step = A;
+        s.a_step = step;
+        s.a_chunks = (A + step - 1) / step;
+        tasks_k = K * s.a_chunks;
+    }
+    if (tasks_k < TASKS && B > 1 && G > 1) {
+        i64 chunks = (TASKS + tasks_k - 1) / tasks_k;
+        i64 step = (G + chunks - 1) / chunks;
+        i64 per_g = s.a_step * s.cg * B;
+        i64 floor_step = (min_task + per_g - 1) / per_g;
+        if (step < floor_step) step = floor_step;
+        if (step > G) step = G;
+        s.g_step = step;
+        s.g_chunks = (G + step - 1) / step;
+    }
+    return s;
+}
+
+static i64 task_count(const split *s) { return s->K * s->a_chunks * s->g_chunks; }
+
+/* The ranges of task t: k, rows [a0, a1), channels [c0, c1). */
+static void task_range(const split *s, i64 t, i64 *k, i64 *a0, i64 *a1, i64 *c0, i64 *c1) {
+    i64 gi = t % s->g_chunks;
+    i64 ai = (t / s->g_chunks) % s->a_chunks;
+    *k = t / (s->g_chunks * s->a_chunks);
+    *a0 = ai * s->a_step;
+    *a1 = *a0 + s->a_step < s->A ? *a0 + s->a_step : s->A;
+    i64 g0 = gi * s->g_step;
+    i64 g1 = g0 + s->g_step < s->G ? g0 + s->g_step : s->G;
+    *c0 = g0 * s->cg;
+    *c1 = g1 * s->cg;
+}
+
+/* One task's sums, per channel c in [c0, c1): of u and of u * v over rows [a0, a1) of row k of K, where
+   u = p - pshift[c] and v = q - qshift[c] (q = NULL means v = u). The forward pass sums x - shift and its
+   square; the backward pass sums dy and dy * (x - shift). Writes s1[c] and s2[c]. with_q is a constant
+   at each call, so each variant is compiled on its own. */
+static inline __attribute__((always_inline)) void task_sums(const split *s, i64 k, i64 a0, i64 a1, i64 c0,
+                                                             i64 c1, const float *p, const float *pshift,
+                                                             const float *q, const float *qshift,
+                                                             double *restrict s1, double *restrict s2,
+                                                             const int with_q) {
+    const i64 A = s->A, C = s->C, B = s->B;
+    const float *ps = pshift + k * C;
+    const float *qs = with_q ? qshift + k * C : ps;
+    if (B == 1) {
+        /* channels innermost, vectorised across channels: each block of eight rows is summed in float32
+           (its terms are small, being shifted), then added to the float64 sums */
+        const float *restrict pf = ps, *restrict qf = qs;
+        for (i64 c = c0; c < c1; c++) s1[c] = s2[c] = 0.0;
+        i64 a = a0;
+        for (; a + 8 <= a1; a += 8) {
+            const float *restrict r = p + (k * A + a) * C;
+            const float *restrict w = with_q ? q + (k * A + a) * C : r;
+            for (i64 c = c0; c < c1; c++) {
+                float f1 = 0.0f, f2 = 0.0f;
+#define GROUPNORM_ROW(j)                                        \
+    {                                                           \
+        const float u = r[(j) * C + c] - pf[c];                 \
+        const float v = with_q ? w[(j) * C + c] - qf[c] : u;    \
+        f1 += u;                                                \
+        f2 += u * v;                                            \
+    }
+                GROUPNORM_ROW(0) GROUPNORM_ROW(1) GROUPNORM_ROW(2) GROUPNORM_ROW(3)
+                GROUPNORM_ROW(4) GROUPNORM_ROW(5) GROUPNORM_ROW(6) GROUPNORM_ROW(7)
+#undef GROUPNORM_ROW
+                s1[c] += f1;
+                s2[c] += f2;
+            }
+        }
+        for (; a < a1; a++) {
+            const float *restrict r = p + (k * A + a) * C;
+            const float *restrict w = with_q ? q + (k * A + a) * C : r;
+            for (i64 c = c0; c < c1; c++) {
+                const float u = r[c] - pf[c], v = with_q ? w[c] - qf[c] : u;
+                s1[c] += u;
+                s2[c] += u * v;
+            }
+        }
+    } else {
+        /* rows of B innermost: one vectorised float64 reduction per row */
+        for (i64 c = c0; c < c1; c++) {
+            double t1 = 0.0, t2 = 0.0;
+            const double pc = ps[c], qc = qs[c];
+            for (i64 a = a0; a < a1; a++) {
+                const float *row = p + ((k * A + a) * C + c) * B;
+                const float *wrow = with_q ? q + ((k * A + a) * C + c) * B : row;
+                double r1 = 0.0, r2 = 0.0;
+#pragma omp simd reduction(+ : r1, r2)
+                for (i64 b = 0; b < B; b++) {
+                    double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
+                    r1 += u;
+                    r2 += u * v;
+                }
+                t1 += r1;
+                t2 += r2;
+            }
+            s1[c] = t1;
+            s2[c] = t2;
+        }
+    }
+}
+
+/* One task's output, for rows [a0, a1) of row k and channels [c0, c1):
+   out = (p - shift[c]) * m1[c] + m0[c], or, with q, q * mq[c] + (p - shift[c]) * m1[c] + m0[c].
+   coef is [K][4][C] floats: shift, m1, m0, mq. */
+static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, const float *p, const float *q,
+                        const float *coef, float *out) {
+    const i64 A = s->A, C = s->C, B = s->B;
+    const float *restrict sh = coef + k * C * 4, *restrict m1 = sh + C, *restrict m0 = m1 + C;
+    const float *restrict mq = m0 + C;
+    if (B == 1 && q) {
+        for (i64 a = a0; a < a1; a++) {
+            const float *restrict row = p + (k * A + a) * C, *restrict qrow = q + (k * A + a) * C;
+            float *restrict dst = out + (k * A + a) * C;
+            for (i64 c = c0; c < c1; c++) dst[c] = qrow[c] * mq[c] + ((row[c] - sh[c]) * m1[c] + m0[c]);
+        }
+    } else if (B == 1) {
+        for (i64 a = a0; a < a1; a++) {
+            const float *restrict row = p + (k * A + a) * C;
+            float *restrict dst = out + (k * A + a) * C;
+            for (i64 c = c0; c < c1; c++) dst[c] = (row[c] - sh[c]) * m1[c] + m0[c];
+        }
+    } else {
+        for (i64 a = a0; a < a1; a++) {
+            for (i64 c = c0; c < c1; c++) {
+                const i64 base = ((k * A + a) * C + c) * B;
+                const float *restrict row = p + base;
+                float *restrict dst = out + base;
+                const float shc = sh[c], m1c = m1[c], m0c = m0[c], mqc = mq[c];
+                if (q) {
+                    const float *restrict qrow = q + base;
+                    for (i64 b = 0; b < B; b++) dst[b] = qrow[b] * mqc + ((row[b] - shc) * m1c + m0c);
+                } else {
+                    for (i64 b = 0; b < B; b++) dst[b] = (row[b] - shc) * m1c + m0c;
+                }
+            }
+        }
+    }
+}
+
+/* Per (k, channel): the group's shift, the mean of the group's leading corner. */
+static void corner_shift(const split *s, const float *x, float *shift) {
+    const i64 A = s->A, C = s->C, B = s->B, cg = s->cg;
+    const i64 na = A < CORNER ? A : CORNER, nb = B < CORNER ? B : CORNER;
+    for (i64 k = 0; k < s->K; k++) {
+        for (i64 g = 0; g < s->G; g++) {
+            double sum = 0.0;
+            for (i64 a = 0; a < na; a++)
+                for (i64 c = g * cg; c < (g + 1) * cg; c++)
+                    for (i64 b = 0; b < nb; b++) sum += x[((k * A + a) * C + c) * B + b];
+            float mean = (float)(sum / (double)(na * cg * nb));
+            if (!isfinite(mean)) mean = 0.0f;
+            for (i64 c = g * cg; c < (g + 1) * cg; c++) shift[k * C + c] = mean;
+        }
+    }
+}
+
+/* Adds every task's sums into sums ([K][2][C]), in a fixed order. partial is [tasks][2][C]. */
+static void total_sums(const split *s, const double *partial, double *sums) {
+    const i64 C = s->C, tasks = task_count(s);
+    memset(sums, 0, sizeof(double) * (size_t)(s->K * C * 2));
+    for (i64 t = 0; t < tasks; t++) {
+        i64 k, a0, a1, c0, c1;
+        task_range(s, t, &k, &a0, &a1, &c0, &c1);
+        const double *acc = partial + t * C * 2;
+        double *out = sums + k * C * 2;
+        for (i64 c = c0; c < c1; c++) {
+            out[c] += acc[c];
+            out[C + c] += acc[C + c];
+        }
+    }
+}
+
+/* What the forward pass needs besides its tensors. */
+typedef struct {
+    const float *gamma, *beta, *shift;
+    double eps;
+    float *shift_out, *mean_out, *rstd_out, *coef;
+} forward_args;
+
+/* Statistics and output coefficients of row k's groups in channels [c0, c1), from their sums. */
+static void forward_coefficients(const split *s, const forward_args *f, i64 k, i64 c0, i64 c1,
+                                 const double *s1, const double *s2) {
+    const i64 C = s->C, cg = s->cg;
+    const double n = (double)(s->A * cg * s->B);
+    for (i64 g = c0 / cg; g < c1 / cg; g++) {
+        double t1 = 0.0, t2 = 0.0;
+        for (i64 c = g * cg; c < (g + 1) * cg; c++) {
+            t1 += s1[c];
+            t2 += s2[c];
+        }
+        const double mean = t1 / n;
+        double var = t2 / n - mean * mean;
+        if (var < 0.0) var = 0.0; /* rounding; NaN stays NaN */
+        const double rstd = 1.0 / sqrt(var + f->eps);
+        f->shift_out[k * s->G + g] = f->shift[k * C + g * cg];
+        f->mean_out[k * s->G + g] = (float)mean;
+        f->rstd_out[k * s->G + g] = (float)rstd;
+        for (i64 c = g * cg; c < (g + 1) * cg; c++) {
+            const double scale = f->gamma ? rstd * f->gamma[c] : rstd;
+            const double offset = f->beta ? f->beta[c] - mean * scale : -mean * scale;
+            float *cf = f->coef + k * C * 4 + c;
+            cf[0] = f->shift[k * C + c];
+            cf[C] = (float)scale;
+            cf[2 * C] = (float)offset;
+            cf[3 * C] = 0.0f;
+        }
+    }
+}
+
+/* The forward pass. gamma and beta may be NULL. Writes the output y and, per (k, group), the shift, the
+   mean of x - shift and the reciprocal standard deviation (for the backward pass). Returns 0, or -1 when
+   out of memory. Where every task holds whole groups, each task finishes its groups on its own while
+   their rows are still in cache; otherwise the statistics are completed between two parallel passes. */
+int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, i64 G, const float *gamma,
+                          const float *beta, double eps, int shifted, float *shift_out, float *mean_out,
+                          float *rstd_out, int nthreads) {
+    (void)nthreads; /* used by OpenMP, where it is compiled in */
+    const split s = make_split(K, A, C, B, G);
+    const i64 tasks = task_count(&s);
+    float *shift = calloc((size_t)(K * C), sizeof(float));
+    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
+    double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
+    float *coef = malloc(sizeof(float) * (size_t)(K * C * 4));
+    int status = -1;
+    if (!shift || !partial || !coef || (s.a_chunks > 1 && !sums)) goto done;
+    if (shifted) corner_shift(&s, x, shift);
+    const forward_args f = {gamma, beta, shift, eps, shift_out, mean_out, rstd_out, coef};
+    if (s.a_chunks == 1) {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+            double *acc = partial + t * C * 2;
+            task_sums(&s, k, a0, a1, c0, c1, x, shift, NULL, NULL, acc, acc + C, 0);
+            forward_coefficients(&s, &f, k, c0, c1, acc, acc + C);
+            task_affine(&s, k, a0, a1, c0, c1, x, NULL, coef, y);
+        }
+    } else {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+            double *acc = partial + t * C * 2;
+            task_sums(&s, k, a0, a1, c0, c1, x, shift, NULL, NULL, acc, acc + C, 0);
+        }
+        total_sums(&s, partial, sums);
+        for (i64 k = 0; k < K; k++) forward_coefficients(&s, &f, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+            task_affine(&s, k, a0, a1, c0, c1, x, NULL, coef, y);
+        }
+    }
+    status = 0;
+done:
+    free(shift);
+    free(partial);
+    free(sums);
+    free(coef);
+    return status;
+}
+
+/* What the backward pass needs besides its tensors. */
+typedef struct {
+    const float *gamma, *shift, *mean, *rstd;
+    double *sum_dy, *sum_dy_xhat; /* per (k, channel), for the parameters' gradients */
+    float *coef;
+} backward_args;
+
+/* Input-gradient coefficients of row k's groups in channels [c0, c1), from the sums of dy and of
+   dy * (x - shift) per channel:  dx = r (gamma dy - mean(gamma dy) - xhat mean(gamma dy xhat)), with
+   means over the group, written as dx = gamma r dy + (x - shift) * m1 + m0. */
+static void backward_coefficients(const split *s, const backward_args *b, i64 k, i64 c0, i64 c1,
+                                  const double *s1, const double *s2) {
+    const i64 C = s->C, cg = s->cg;
+    const double n = (double)(s->A * cg * s->B);
+    for (i64 g = c0 / cg; g < c1 / cg; g++) {
+        const double mean = b->mean[k * s->G + g], r = b->rstd[k * s->G + g];
+        double mg = 0.0, mgx = 0.0;
+        for (i64 c = g * cg; c < (g + 1) * cg; c++) {
+            const double dxhat = r * (s2[c] - mean * s1[c]); /* the sum of dy * xhat */
+            const double gc = b->gamma ? b->gamma[c] : 1.0;
+            b->sum_dy[k * C + c] = s1[c];
+            b->sum_dy_xhat[k * C + c] = dxhat;
+            mg += gc * s1[c];
+            mgx += gc * dxhat;
+        }
+        mg /= n;
+        mgx /= n;
+        for (i64 c = g * cg; c < (g + 1) * cg; c++) {
+            const double gc = b->gamma ? b->gamma[c] : 1.0;
+            float *cf = b->coef + k * C * 4 + c;
+            cf[0] = b->shift[k * C + c];
+            cf[C] = (float)(-r * r * mgx);
+            cf[2 * C] = (float)(r * (r * mean * mgx - mg));
+            cf[3 * C] = (float)(r * gc);
+        }
+    }
+}
+
+/* The backward pass, from the forward pass's shift, mean and rstd. dx, dgamma and dbeta may each be NULL
+   (not wanted); gamma may be NULL. dgamma and dbeta are per channel, summed over K. Returns 0, or -1 when
+   out of memory. */
+int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i64 A, i64 C, i64 B, i64 G,
+                           const float *gamma, const float *shift_in, const float *mean_in,
+                           const float *rstd_in, float *dgamma, float *dbeta, int nthreads) {
+    (void)nthreads;
+    const split s = make_split(K, A, C, B, G);
+    const i64 tasks = task_count(&s), cg = C / G;
+    float *zero = calloc((size_t)(K * C), sizeof(float));
+    float *shift = malloc(sizeof(float) * (size_t)(K * C));
+    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
+    double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
+    double *per_kc = malloc(sizeof(double) * (size_t)(K * C * 2));
+    float *coef = malloc(sizeof(float) * (size_t)(K * C * 4));
+    int status = -1;
+    if (!zero || !shift || !partial || !per_kc || !coef || (s.a_chunks > 1 && !sums)) goto done;
+    for (i64 k = 0; k < K; k++)
+        for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[k * G + c / cg];
+    const backward_args b = {gamma, shift, mean_in, rstd_in, per_kc, per_kc + K * C, coef};
+    if (s.a_chunks == 1) {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+            double *acc = partial + t * C * 2;
+            task_sums(&s, k, a0, a1, c0, c1, dy, zero, x, shift, acc, acc + C, 1);
+            backward_coefficients(&s, &b, k, c0, c1, acc, acc + C);
+            if (dx) task_affine(&s, k, a0, a1, c0, c1, x, dy, coef, dx);
+        }
+    } else {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+            double *acc = partial + t * C * 2;
+            task_sums(&s, k, a0, a1, c0, c1, dy, zero, x, shift, acc, acc + C, 1);
+        }
+        total_sums(&s, partial, sums);
+        for (i64 k = 0; k < K; k++) backward_coefficients(&s, &b, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
+        if (dx) {
+            PARALLEL_FOR
+            for (i64 t = 0; t < tasks; t++) {
+                i64 k, a0, a1, c0, c1;
+                task_range(&s, t, &k, &a0, &a1, &c0, &c1);
+                task_affine(&s, k, a0, a1, c0, c1, x, dy, coef, dx);
+            }
+        }
+    }
+    for (i64 c = 0; c < C; c++) {
+        double dg = 0.0, db = 0.0;
+        for (i64 k = 0; k < K; k++) {
+            dg += b.sum_dy_xhat[k * C + c];
+            db += b.sum_dy[k * C + c];
+        }
+        if (dgamma) dgamma[c] = (float)dg;
+        if (dbeta) dbeta[c] = (float)db;
+    }
+    status = 0;
+done:
+    free(zero);
+    free(shift);
+    free(partial);
+    free(sums);
+    free(per_kc);
+    free(coef);
+    return status;
+}

@@ -1,0 +1,150 @@
+"""The compiled CPU kernel of the torch backend: float32 values and gradients against float64, its
+layouts, its independence of the thread count, and the exact fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import groupnorm.numpy
+import groupnorm.torch as gt
+from groupnorm.backends import _cpu_kernel
+from groupnorm.backends import torch as backend
+from support import hard_data, reference_group_norm
+
+
+def test_kernel_builds_here() -> None:
+    """CI has a C compiler: a kernel that silently fell back would leave the fast path untested."""
+    assert _cpu_kernel.load() is not None
+
+
+@pytest.fixture
+def kernel_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float32 call must run the kernel: torch's own kernel off, the blocked path refused."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the blocked path ran where the kernel should have")
+
+    monkeypatch.setattr(backend, "NATIVE", False)
+    monkeypatch.setattr(backend, "blocked_forward", refuse)
+
+
+def _silu(y: np.ndarray) -> np.ndarray:
+    return y / (1 + np.exp(-y))
+
+
+def _relu(y: np.ndarray) -> np.ndarray:
+    return np.maximum(y, 0)
+
+
+#: (shape, groups, channels_axis, reduction_axes, memory format): the layouts the kernel takes
+LAYOUTS = {
+    "nchw": ((2, 16, 6, 10), 4, 1, (2, 3), torch.contiguous_format),
+    "nchw-channels-last": ((2, 16, 6, 10), 4, 1, (2, 3), torch.channels_last),
+    "nhwc": ((2, 6, 10, 16), 4, -1, (1, 2), torch.contiguous_format),
+    "sequence-nlc": ((3, 17, 12), 3, -1, (1,), torch.contiguous_format),
+    "features-nc": ((5, 12), 6, 1, (), torch.contiguous_format),
+    "single-sample-nhwc": ((40, 30, 8), 2, -1, (0, 1), torch.contiguous_format),  # rows split across tasks
+    "single-sample-nchw": ((64, 40, 30), 8, 0, (1, 2), torch.contiguous_format),  # groups split across tasks
+    "one-group": ((2, 8, 5, 7), 1, 1, (2, 3), torch.channels_last),
+}
+
+
+@pytest.mark.usefixtures("kernel_only")
+@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+@pytest.mark.parametrize("mean_over_std", [0.0, 1e4])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_values_and_gradients_match_float64(name: str, mean_over_std: float, activation: str | None) -> None:
+    shape, groups, axis, reduce, memory_format = LAYOUTS[name]
+    channels = shape[axis]
+    rng = np.random.default_rng(len(name))
+    x = hard_data(shape, axis, mean_over_std, dtype=np.float32)
+    gamma = (1 + 0.5 * rng.standard_normal(channels)).astype(np.float32)
+    beta = rng.standard_normal(channels).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    xt = torch.from_numpy(x).contiguous(memory_format=memory_format).requires_grad_()
+    g, b = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
+    kwargs = {"channels_axis": axis, "reduction_axes": reduce}
+    y = gt.group_norm(xt, groups, g, b, activation=activation, **kwargs)
+    assert y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=memory_format)
+    want = reference_group_norm(x, groups, axis, reduce, gamma, beta, 1e-5)
+    want = {"silu": _silu, "relu": _relu, None: lambda v: v}[activation](want)
+    assert np.abs(y.detach().double().numpy() - want).max() <= 1e-5
+
+    y.backward(torch.from_numpy(dy))
+    grads = groupnorm.numpy.vjp(
+        x.astype(np.float64), dy.astype(np.float64), groups, axis, reduce,
+        gamma=gamma.astype(np.float64), beta=beta.astype(np.float64), epsilon=1e-5, activation_fn=activation,
+    )  # fmt: skip
+    for got, expected in ((xt.grad, grads.inputs), (g.grad, grads.gamma), (b.grad, grads.beta)):
+        assert got is not None and got.dtype == torch.float32
+        # float32 rounding of terms of order gamma * dy * rstd (about 1 here) that cancel in the result
+        scale = max(np.abs(expected).max(), 1.0)
+        assert np.abs(got.double().numpy() - expected).max() <= 1e-5 * scale
+
+
+@pytest.mark.usefixtures("kernel_only")
+@pytest.mark.parametrize("affine", [True, False])
+def test_without_parameters_and_without_shift(affine: bool) -> None:
+    x = hard_data((3, 8, 9, 4), 1, 0.0, dtype=np.float32)
+    m = gt.GroupNorm(2, 8, affine=affine, mean_close_to_zero=True)
+    xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = m(xt)
+    np.testing.assert_allclose(y.detach().numpy(), reference_group_norm(x, 2, 1, (2, 3), epsilon=1e-5), atol=1e-5)
+    y.sum().backward()  # the gradient of a sum of normalized values is zero
+    assert xt.grad is not None
+    assert np.abs(xt.grad.numpy()).max() <= 1e-5
+
+
+@pytest.mark.usefixtures("kernel_only")
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    x = torch.from_numpy(hard_data((1, 32, 64, 48), 1, 100.0, dtype=np.float32))
+    x = x.contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(gt.group_norm(x, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+
+
+def test_kernel_and_blocked_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.from_numpy(hard_data((2, 32, 12, 10), 1, 1e3, dtype=np.float32))
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.linspace(0.5, 2, 32)
+    fast = gt.group_norm(x, 8, w)
+    monkeypatch.setattr(backend, "KERNEL", False)
+    exact = gt.group_norm(x, 8, w)
+    torch.testing.assert_close(fast, exact, atol=2e-6, rtol=0)
+
+
+def test_builds_into_the_cache_directory(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
+    lib, why = _cpu_kernel._load()
+    assert lib is not None, why
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # type: ignore[attr-defined]
+
+
+def test_without_a_compiler_the_exact_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", "/nonexistent/never-built")
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(_cpu_kernel, "_loaded", [])
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert _cpu_kernel.load() is None
+    assert _cpu_kernel.load() is None  # decided once, warned once
+    x = hard_data((2, 16, 6, 10), 1, 1e4, dtype=np.float32)
+    y = gt.group_norm(torch.from_numpy(x).contiguous(memory_format=torch.channels_last), 4)
+    assert np.abs(y.double().numpy() - reference_group_norm(x, 4, 1, (2, 3), epsilon=1e-5)).max() <= 1e-5
+
+
+def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROUPNORM_CPU_KERNEL", "0")
+    lib, why = _cpu_kernel._load()
+    assert lib is None
+    assert "GROUPNORM_CPU_KERNEL=0" in why
