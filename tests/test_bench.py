@@ -67,6 +67,13 @@ def test_measurement_commands_parse(
     assert args.mode == "forward"
 
 
+def test_recorded_command_keeps_the_settings_that_change_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROUPNORM_HUGE_PAGES", "0")
+    monkeypatch.setenv("GROUPNORM_UNRELATED", "1")
+    words = command_line(parse("--framework", "torch")).split()
+    assert words == ["GROUPNORM_HUGE_PAGES=0", "groupnorm", "bench", "--framework", "torch"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -28,10 +28,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(params=["native", "blocked", "block-1", "block-37"])
 def block_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every path: torch's kernel where it applies, the blocked path with its default block size, and with
-    tiny blocks so that every block boundary is crossed."""
+    """Every path: the compiled kernel or torch's where they apply, the blocked path with its default block
+    size, and with tiny blocks so that every block boundary is crossed."""
     if request.param != "native":
         monkeypatch.setattr(backend, "NATIVE", False)
+        monkeypatch.setattr(backend, "KERNEL", False)
     if request.param.startswith("block-"):
         monkeypatch.setattr(backend, "BLOCK_ELEMENTS", int(request.param.removeprefix("block-")))
 

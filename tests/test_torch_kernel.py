@@ -148,3 +148,19 @@ def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     lib, why = _cpu_kernel._load()
     assert lib is None
     assert "GROUPNORM_CPU_KERNEL=0" in why
+
+
+@pytest.mark.usefixtures("kernel_only")
+def test_huge_page_hint_changes_nothing_but_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.from_numpy(hard_data((4, 64, 64, 64), 1, 1e2, dtype=np.float32)).requires_grad_()  # 4 MiB
+    dy = torch.randn(x.shape)
+    results = []
+    for hint in (True, False):
+        monkeypatch.setattr(backend, "HUGE_PAGES", hint)
+        x.grad = None
+        y = gt.group_norm(x, 16)
+        y.backward(dy)
+        assert x.grad is not None
+        results.append((y.detach(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

@@ -32,8 +32,10 @@ def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("mean_over_std", [0.0, 1e2, 1e4])
-def test_float32_is_exact_on_every_layout(mean_over_std: float) -> None:
+def test_float32_is_exact_on_every_layout(mean_over_std: float, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "KERNEL", kernel)
     x = hard_data((2, 16, 6, 10), 1, mean_over_std, dtype=np.float32)
     rng = np.random.default_rng(1)
     gamma = (1 + 0.5 * rng.standard_normal(16)).astype(np.float32)
@@ -57,8 +59,10 @@ def test_float32_is_exact_for_nhwc_and_video() -> None:
     assert np.abs(_np(y) - reference_group_norm(v, 4, 1, (3, 4), epsilon=1e-5)).max() <= 1e-5
 
 
-def test_torch_native_kernel_is_only_used_where_exact() -> None:
-    """torch's own kernel loses digits at a large mean; the backend notices and takes the exact path."""
+def test_torch_native_kernel_is_only_used_where_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own kernel loses digits at a large mean; the backend notices and takes the exact path.
+    (Where groupnorm's compiled kernel is available it runs first; without it, torch's is tried.)"""
+    monkeypatch.setattr(backend, "KERNEL", False)
     torch.manual_seed(0)
     x = (1e4 + torch.randn(2, 16, 8, 8, dtype=torch.float64)).float()  # every group: mean 1e4 x std
     want = reference_group_norm(x.numpy(), 4, 1, (2, 3), epsilon=1e-5)
@@ -143,6 +147,7 @@ SMALL = {
 def test_gradcheck_and_gradgradcheck(name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if path == "blocked":
         monkeypatch.setattr(backend, "NATIVE", False)
+        monkeypatch.setattr(backend, "KERNEL", False)
         monkeypatch.setattr(backend, "BLOCK_ELEMENTS", 8)
     cfg = SMALL[name]
     a = cfg.arrays(mean_over_std=3.0)

@@ -5,8 +5,12 @@ Numerics follow the NumPy reference: in the default mode each group is shifted b
 variance of ``x - K`` are accumulated in float32 (float64 for float64 input), and the output is formed
 as ``(x - K) * scale + offset``. ``mean_close_to_zero=True`` skips the shift.
 
-Three ways to run a plan:
+Four ways to run a plan, tried in this order:
 
+- groupnorm's compiled CPU kernel (:mod:`groupnorm.backends._cpu_kernel`), for float32 input on the CPU
+  whose memory order is ``(kept, reduced, channels, reduced)``: NCHW, channels-last NCHW, NHWC and the
+  like. Exact shifted statistics, one read of the input for them and one read and one write for the
+  output. Built on first use with the system's C compiler; without one, the paths below run.
 - torch's own kernel (``torch.native_group_norm`` and its backward), only for contiguous ``(N, C, *)``
   float32/float64 input and, in float32, only when every group's ``|mean| / std`` is at most
   :data:`NATIVE_MEAN_BOUND` (checked on the statistics the kernel returns), where its error stays within
@@ -22,6 +26,7 @@ Three ways to run a plan:
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +52,10 @@ NATIVE = True
 
 #: whether to use groupnorm's compiled CPU kernel for float32 where it is available (likewise).
 KERNEL = True
+
+#: whether the kernel may ask Linux to back its large outputs with transparent huge pages (one page fault
+#: per 2 MiB instead of per 4 KiB when the output is first written; ``GROUPNORM_HUGE_PAGES=0`` turns it off).
+HUGE_PAGES = os.environ.get("GROUPNORM_HUGE_PAGES", "1") != "0"
 
 #: per reduced axis, how many leading elements the rough shift ``K`` averages.
 _SHIFT_SAMPLE = 8
@@ -522,7 +531,7 @@ def _kernel_forward(
     shift, mean, rstd = (torch.empty(k, g) for _ in range(3))
     status = lib.groupnorm_forward_f32(
         xp.data_ptr(), out.data_ptr(), k, a, c, b, g, _ptr(w), _ptr(bias), plan.epsilon,
-        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(), int(HUGE_PAGES),
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -566,7 +575,7 @@ def _kernel_backward(
     status = lib.groupnorm_backward_f32(
         xp.data_ptr(), dyp.data_ptr(), _ptr(dx), k, a, c, b, plan.groups, _ptr(w),
         saved.shift.data_ptr(), saved.mean.data_ptr(), saved.rstd.data_ptr(), _ptr(dgamma), _ptr(dbeta),
-        torch.get_num_threads(),
+        int(HUGE_PAGES), torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
@@ -732,10 +741,9 @@ class _GroupNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             found: tuple[torch.Tensor, _Native | _Kernel] | None = None
-            if NATIVE:
+            found = _kernel_forward(plan, x, gamma, beta, activation, grad_wanted)
+            if found is None and NATIVE:
                 found = _native_forward(plan, x, gamma, beta, activation, grad_wanted)
-            if found is None:
-                found = _kernel_forward(plan, x, gamma, beta, activation, grad_wanted)
             if found is None:
                 out, ctx.stats = blocked_forward(plan, x, gamma, beta, activation)
             else:

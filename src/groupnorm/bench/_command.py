@@ -174,12 +174,18 @@ _MEASURED = (
 )
 
 
+#: environment variables that change which code groupnorm runs (see the torch backend)
+_SETTINGS = ("GROUPNORM_CPU_KERNEL", "GROUPNORM_HUGE_PAGES")
+
+
 def command_line(args: argparse.Namespace) -> str:
-    """The command that measures what ``args`` measure: every option that differs from its default."""
+    """The command that measures what ``args`` measure: every option that differs from its default, after
+    the ``GROUPNORM_*`` environment variables that change what groupnorm runs."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = parser.parse_args([])
-    words = ["groupnorm", "bench"]
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in _SETTINGS]
+    words = [*env, "groupnorm", "bench"]
     for name in _MEASURED:
         value = getattr(args, name)
         if value == getattr(defaults, name):
