@@ -263,3 +263,28 @@ def test_no_grad_forward_allocates_only_its_output(name: str, make: object, kwar
     allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
     output = y.numel() * y.element_size()
     assert allocated - output < x.numel() * x.element_size() / 4, (name, allocated, output)
+
+
+@pytest.mark.parametrize("path", ["kernel", "native", "blocked"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("scale", [3e19, 1e30])
+def test_float32_beyond_the_range_of_its_squares(
+    scale: float, memory_format: torch.memory_format, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Squares of float32 values beyond about 1.8e19 overflow float32; the result still exists."""
+    monkeypatch.setattr(backend, "KERNEL", path == "kernel")
+    monkeypatch.setattr(backend, "NATIVE", path != "blocked")
+    x = (scale * hard_data((2, 16, 6, 5), 1, 0.0, dtype=np.float64)).astype(np.float32)
+    dy = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    xt = torch.from_numpy(x).contiguous(memory_format=memory_format).requires_grad_()
+    w = torch.linspace(0.5, 2, 16, requires_grad=True)
+    y = gt.group_norm(xt, 4, w)
+    want = reference_group_norm(x, 4, 1, (2, 3), w.detach().numpy(), None, 1e-5)
+    assert np.abs(_np(y) - want).max() <= 1e-5
+    y.backward(torch.from_numpy(dy))
+    grads = groupnorm.numpy.vjp(
+        x.astype(np.float64), dy.astype(np.float64), 4, 1, (2, 3), gamma=w.detach().double().numpy(), epsilon=1e-5
+    )
+    for got, expected in ((xt.grad, grads.inputs), (w.grad, grads.gamma)):
+        assert got is not None and bool(torch.isfinite(got).all())
+        assert np.abs(_np(got) - expected).max() <= 1e-5 * np.abs(expected).max()

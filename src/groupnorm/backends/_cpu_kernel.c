@@ -24,6 +24,8 @@
 typedef int64_t i64;
 
 #define CORNER 8
+/* per-channel coefficient planes of the affine pass */
+#define COEFS 5
 /* tasks wanted at least, where the input allows: enough to keep 16 threads busy */
 #define TASKS 16
 
@@ -128,6 +130,21 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
                 s2[c] += u * v;
             }
         }
+        /* float32 products overflow beyond about 1e19: then the whole task again, in float64 */
+        int finite = 1;
+        for (i64 c = c0; c < c1; c++) finite &= isfinite(s1[c]) && isfinite(s2[c]);
+        if (!finite) {
+            for (i64 c = c0; c < c1; c++) s1[c] = s2[c] = 0.0;
+            for (a = a0; a < a1; a++) {
+                const float *r = p + (k * A + a) * C;
+                const float *w = with_q ? q + (k * A + a) * C : r;
+                for (i64 c = c0; c < c1; c++) {
+                    const double u = (double)r[c] - pf[c], v = with_q ? (double)w[c] - qf[c] : u;
+                    s1[c] += u;
+                    s2[c] += u * v;
+                }
+            }
+        }
     } else {
         /* rows of B innermost: one vectorised float64 reduction per row */
         for (i64 c = c0; c < c1; c++) {
@@ -153,18 +170,20 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
 }
 
 /* One task's output, for rows [a0, a1) of row k and channels [c0, c1):
-   out = (p - shift[c]) * m1[c] + m0[c], or, with q, q * mq[c] + (p - shift[c]) * m1[c] + m0[c].
-   coef is [K][4][C] floats: shift, m1, m0, mq. */
+   out = (p - shift[c]) * m1[c] + m0[c], or, with q, r[c] * (q * mq[c] + (p - shift[c]) * m1[c] + m0[c]).
+   coef is [K][COEFS][C] floats: shift, m1, m0, mq, r. (The backward pass's factor r keeps every
+   coefficient within float32's range where rstd * rstd would not be.) */
 static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, const float *p, const float *q,
                         const float *coef, float *out) {
     const i64 A = s->A, C = s->C, B = s->B;
-    const float *restrict sh = coef + k * C * 4, *restrict m1 = sh + C, *restrict m0 = m1 + C;
-    const float *restrict mq = m0 + C;
+    const float *restrict sh = coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
+    const float *restrict mq = m0 + C, *restrict rr = mq + C;
     if (B == 1 && q) {
         for (i64 a = a0; a < a1; a++) {
             const float *restrict row = p + (k * A + a) * C, *restrict qrow = q + (k * A + a) * C;
             float *restrict dst = out + (k * A + a) * C;
-            for (i64 c = c0; c < c1; c++) dst[c] = qrow[c] * mq[c] + ((row[c] - sh[c]) * m1[c] + m0[c]);
+            for (i64 c = c0; c < c1; c++)
+                dst[c] = rr[c] * (qrow[c] * mq[c] + ((row[c] - sh[c]) * m1[c] + m0[c]));
         }
     } else if (B == 1) {
         for (i64 a = a0; a < a1; a++) {
@@ -178,10 +197,10 @@ static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, c
                 const i64 base = ((k * A + a) * C + c) * B;
                 const float *restrict row = p + base;
                 float *restrict dst = out + base;
-                const float shc = sh[c], m1c = m1[c], m0c = m0[c], mqc = mq[c];
+                const float shc = sh[c], m1c = m1[c], m0c = m0[c], mqc = mq[c], rc = rr[c];
                 if (q) {
                     const float *restrict qrow = q + base;
-                    for (i64 b = 0; b < B; b++) dst[b] = qrow[b] * mqc + ((row[b] - shc) * m1c + m0c);
+                    for (i64 b = 0; b < B; b++) dst[b] = rc * (qrow[b] * mqc + ((row[b] - shc) * m1c + m0c));
                 } else {
                     for (i64 b = 0; b < B; b++) dst[b] = (row[b] - shc) * m1c + m0c;
                 }
@@ -267,11 +286,12 @@ static void forward_coefficients(const split *s, const forward_args *f, i64 k, i
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double scale = f->gamma ? rstd * f->gamma[c] : rstd;
             const double offset = f->beta ? f->beta[c] - mean * scale : -mean * scale;
-            float *cf = f->coef + k * C * 4 + c;
+            float *cf = f->coef + k * C * COEFS + c;
             cf[0] = f->shift[k * C + c];
             cf[C] = (float)scale;
             cf[2 * C] = (float)offset;
             cf[3 * C] = 0.0f;
+            cf[4 * C] = 1.0f;
         }
     }
 }
@@ -290,7 +310,7 @@ int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, 
     float *shift = calloc((size_t)(K * C), sizeof(float));
     double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
     double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
-    float *coef = malloc(sizeof(float) * (size_t)(K * C * 4));
+    float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
     int status = -1;
     if (!shift || !partial || !coef || (s.a_chunks > 1 && !sums)) goto done;
     if (huge_pages) prefer_huge_pages(y, K * A * C * B * (i64)sizeof(float));
@@ -341,7 +361,7 @@ typedef struct {
 
 /* Input-gradient coefficients of row k's groups in channels [c0, c1), from the sums of dy and of
    dy * (x - shift) per channel:  dx = r (gamma dy - mean(gamma dy) - xhat mean(gamma dy xhat)), with
-   means over the group, written as dx = gamma r dy + (x - shift) * m1 + m0. */
+   means over the group, written as dx = r (gamma dy + (x - shift) * m1 + m0). */
 static void backward_coefficients(const split *s, const backward_args *b, i64 k, i64 c0, i64 c1,
                                   const double *s1, const double *s2) {
     const i64 C = s->C, cg = s->cg;
@@ -361,11 +381,12 @@ static void backward_coefficients(const split *s, const backward_args *b, i64 k,
         mgx /= n;
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double gc = b->gamma ? b->gamma[c] : 1.0;
-            float *cf = b->coef + k * C * 4 + c;
+            float *cf = b->coef + k * C * COEFS + c;
             cf[0] = b->shift[k * C + c];
-            cf[C] = (float)(-r * r * mgx);
-            cf[2 * C] = (float)(r * (r * mean * mgx - mg));
-            cf[3 * C] = (float)(r * gc);
+            cf[C] = (float)(-r * mgx);
+            cf[2 * C] = (float)(r * mean * mgx - mg);
+            cf[3 * C] = (float)gc;
+            cf[4 * C] = (float)r;
         }
     }
 }
@@ -384,7 +405,7 @@ int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i6
     double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
     double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
     double *per_kc = malloc(sizeof(double) * (size_t)(K * C * 2));
-    float *coef = malloc(sizeof(float) * (size_t)(K * C * 4));
+    float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
     int status = -1;
     if (!zero || !shift || !partial || !per_kc || !coef || (s.a_chunks > 1 && !sums)) goto done;
     for (i64 k = 0; k < K; k++)

@@ -260,10 +260,12 @@ class _Saved:
 class _Blocked:
     """Shared set-up of the blocked forward and backward passes."""
 
-    def __init__(self, plan: Plan, layout: _Layout, xp: torch.Tensor, budget: int | None) -> None:
+    def __init__(
+        self, plan: Plan, layout: _Layout, xp: torch.Tensor, budget: int | None, work: torch.dtype | None = None
+    ) -> None:
         self.plan, self.layout = plan, layout
         self.view = layout.view_shape(xp.shape)
-        self.work = _work_dtype(xp.dtype)
+        self.work = work or _work_dtype(xp.dtype)
         self.same = self.work == xp.dtype
         self.cdim = layout.channel_dim
         self.rdims = layout.reduce_dims
@@ -338,11 +340,13 @@ def blocked_forward(
     beta: torch.Tensor | None,
     activation: str | None,
     budget: int | None = None,
+    work: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, _Saved]:
-    """Forward pass in memory order and in cache-sized blocks of whole groups (no autograd)."""
+    """Forward pass in memory order and in cache-sized blocks of whole groups (no autograd), with the
+    statistics in ``work`` (by default float32, float64 for float64 input)."""
     perm, xp = _memory_order(x)
     layout = _layout(plan, perm)
-    bk = _Blocked(plan, layout, xp, budget)
+    bk = _Blocked(plan, layout, xp, budget, work)
     xv = xp.view(bk.view)
     out = torch.empty(xp.shape, dtype=x.dtype, device=x.device)
     ov = out.view(bk.view)
@@ -407,7 +411,7 @@ def blocked_backward(
     dyp = dy.permute(layout.perm)
     if not dyp.is_contiguous():
         dyp = dyp.contiguous()
-    bk = _Blocked(plan, layout, xp, budget)
+    bk = _Blocked(plan, layout, xp, budget, saved.mean.dtype)
     xv, dyv = xp.view(bk.view), dyp.view(bk.view)
     n = plan.group_size
     g, b = bk.param(gamma), bk.param(beta)
@@ -659,7 +663,8 @@ def _native_forward(
     y, mean, rstd = torch.native_group_norm(xn, w, b, n, c, hxw, plan.groups, plan.epsilon)
     if check:
         worst = (mean.abs() * rstd).max()
-        if not bool(worst <= NATIVE_MEAN_BOUND):  # NaN fails too: the exact path decides then
+        # NaN fails too, and so does a variance that overflowed (rstd 0): the exact path decides then
+        if not bool(worst <= NATIVE_MEAN_BOUND) or not bool(rstd.min() > 0):
             return None
     pre = None
     if activation is not None:
@@ -746,6 +751,8 @@ class _GroupNormFunction(torch.autograd.Function):
                 found = _native_forward(plan, x, gamma, beta, activation, grad_wanted)
             if found is None:
                 out, ctx.stats = blocked_forward(plan, x, gamma, beta, activation)
+                if _overflowed(ctx.stats, x):
+                    out, ctx.stats = blocked_forward(plan, x, gamma, beta, activation, work=torch.float64)
             else:
                 out, ctx.stats = found
         ctx.plan, ctx.activation = plan, activation
@@ -781,6 +788,15 @@ class _GroupNormFunction(torch.autograd.Function):
                     needs,  # type: ignore[arg-type]
                 )
         return dx, dgamma, dbeta, None, None, None
+
+
+def _overflowed(saved: _Saved, x: torch.Tensor) -> bool:
+    """Whether a float32 variance overflowed (rstd 0) on finite input: float32 data beyond about 1e19."""
+    return (
+        saved.rstd.dtype != torch.float64
+        and not bool((saved.rstd > 0).all())
+        and bool(torch.isfinite(x).all())
+    )
 
 
 def _tracing() -> bool:
