@@ -245,3 +245,22 @@ def test_vjp_keeps_dtypes():
     a = cfg.arrays(np.float32)
     got = vjp(a["x"], a["cotangent"], gamma=a["gamma"], beta=a["beta"].astype(np.float64), **cfg.kwargs())
     assert (got.inputs.dtype, got.gamma.dtype, got.beta.dtype) == (np.float32, np.float32, np.float64)
+
+
+@pytest.mark.parametrize("mean_close_to_zero", [False, True])
+@pytest.mark.parametrize("scale", [3e19, 1e30])
+def test_float32_beyond_the_range_of_its_squares(scale: float, mean_close_to_zero: bool) -> None:
+    """Squares of float32 values beyond about 1.8e19 overflow float32; the result still exists."""
+    x = (scale * hard_data((2, 6, 5, 16), -1, 0.0, dtype=np.float64)).astype(np.float32)
+    dy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    gamma = np.linspace(0.5, 2, 16).astype(np.float32)
+    kwargs = {"groups": 4, "mean_close_to_zero": mean_close_to_zero}
+    y = groupnorm.group_norm(x, gamma=gamma, **kwargs)
+    assert y.dtype == np.float32
+    want = reference_group_norm(x, 4, -1, (-3, -2), gamma, None, 1e-3)
+    assert np.abs(y.astype(np.float64) - want).max() <= 1e-5
+    got = vjp(x, dy, gamma=gamma, **kwargs)
+    exact = vjp(x.astype(np.float64), dy.astype(np.float64), gamma=gamma.astype(np.float64), **kwargs)
+    for a, b in ((got.inputs, exact.inputs), (got.gamma, exact.gamma)):
+        assert a is not None and b is not None and np.isfinite(a).all()
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

@@ -65,6 +65,17 @@ def _statistics(plan: Plan, x: Array, work: type[np.floating[Any]]) -> tuple[Arr
     return (None if shift is None else shift.reshape(stats)), mean.reshape(stats), rstd.reshape(stats)
 
 
+def _exact_statistics(plan: Plan, x: Array) -> tuple[type[np.floating[Any]], tuple[Array | None, Array, Array]]:
+    """The work dtype and :func:`_statistics`; float64 where float32 squares overflowed (rstd 0 or NaN
+    on finite input: values beyond about 1e19), so that the result exists wherever the math has one."""
+    work = _work_dtype(x.dtype)
+    stats = _statistics(plan, x, work)
+    if work is not np.float64 and not bool(np.all(stats[2] > 0)) and bool(np.isfinite(x).all()):
+        work = np.float64
+        stats = _statistics(plan, x, work)
+    return work, stats
+
+
 def _param(p: Any, plan: Plan, work: type[np.floating[Any]]) -> Array | None:
     return None if p is None else np.asarray(p, dtype=work).reshape(plan.param_shape)
 
@@ -113,8 +124,7 @@ def execute(plan: Plan, x: Array, gamma: Any, beta: Any, activation: Activation)
     """Run a validated plan on a NumPy array; ``gamma``/``beta`` are ``[C]`` array-likes or None."""
     if x.size == 0:
         return np.empty_like(x)
-    work = _work_dtype(x.dtype)
-    shift, mean, rstd = _statistics(plan, x, work)
+    work, (shift, mean, rstd) = _exact_statistics(plan, x)
     g, b = _param(gamma, plan, work), _param(beta, plan, work)
     scale = rstd if g is None else rstd * g
     offset = -mean * scale if b is None else b - mean * scale
@@ -209,7 +219,7 @@ def vjp(
     if dy.shape != x.shape:
         raise ValueError(f"cotangent must have the input's shape {x.shape}, got {dy.shape}.")
 
-    work = _work_dtype(x.dtype)
+    work, stats = (_work_dtype(x.dtype), None) if x.size == 0 else _exact_statistics(plan, x)
     g, b = _param(gamma, plan, work), _param(beta, plan, work)
     channel_axes = (plan.channels_axis, plan.channels_axis + 1)
     other_axes = tuple(a for a in range(plan.rank + 1) if a not in channel_axes)
@@ -219,7 +229,8 @@ def vjp(
             xhat = np.zeros(split, work)
             rstd = np.zeros(plan.stats_shape(x.shape), work)
         else:
-            shift, mean, rstd = _statistics(plan, x, work)
+            assert stats is not None
+            shift, mean, rstd = stats
             xs = x.reshape(split)
             centered = np.subtract(xs, shift, dtype=work) if shift is not None else xs.astype(work)
             xhat = (centered - mean) * rstd

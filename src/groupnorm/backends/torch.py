@@ -792,11 +792,7 @@ class _GroupNormFunction(torch.autograd.Function):
 
 def _overflowed(saved: _Saved, x: torch.Tensor) -> bool:
     """Whether a float32 variance overflowed (rstd 0) on finite input: float32 data beyond about 1e19."""
-    return (
-        saved.rstd.dtype != torch.float64
-        and not bool((saved.rstd > 0).all())
-        and bool(torch.isfinite(x).all())
-    )
+    return saved.rstd.dtype != torch.float64 and not bool((saved.rstd > 0).all()) and bool(torch.isfinite(x).all())
 
 
 def _tracing() -> bool:
