@@ -258,6 +258,72 @@ static void total_sums(const split *s, const double *partial, double *sums) {
     }
 }
 
+/* The shape of both passes: per-channel sums of u and u * v (task_sums, over sum_p and sum_q), from them
+   per-group coefficients (coefficients), then out = affine(affine_p, affine_q) (task_affine) unless out
+   is NULL. */
+typedef void (*coefficients_fn)(const split *, const void *, i64 k, i64 c0, i64 c1, const double *s1,
+                                const double *s2);
+typedef struct {
+    const float *sum_p, *sum_pshift, *sum_q, *sum_qshift;
+    coefficients_fn coefficients;
+    const void *args;
+    const float *affine_p, *affine_q, *coef;
+    float *out;
+} passes;
+
+static inline void sums_of(const split *s, const passes *ps, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, double *acc) {
+    if (ps->sum_q)
+        task_sums(s, k, a0, a1, c0, c1, ps->sum_p, ps->sum_pshift, ps->sum_q, ps->sum_qshift, acc, acc + s->C, 1);
+    else
+        task_sums(s, k, a0, a1, c0, c1, ps->sum_p, ps->sum_pshift, NULL, NULL, acc, acc + s->C, 0);
+}
+
+/* Runs the passes. Where every task holds whole groups, each task finishes its groups on its own while
+   their rows are still in cache; otherwise the sums are completed between two parallel passes. Returns 0,
+   or -1 when out of memory. */
+static int run_passes(const split *s, const passes *ps, int nthreads) {
+    (void)nthreads; /* used by OpenMP, where it is compiled in */
+    const i64 tasks = task_count(s), C = s->C;
+    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
+    double *sums = s->a_chunks > 1 ? malloc(sizeof(double) * (size_t)(s->K * C * 2)) : NULL;
+    if (!partial || (s->a_chunks > 1 && !sums)) {
+        free(partial);
+        free(sums);
+        return -1;
+    }
+    if (s->a_chunks == 1) {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(s, t, &k, &a0, &a1, &c0, &c1);
+            double *acc = partial + t * C * 2;
+            sums_of(s, ps, k, a0, a1, c0, c1, acc);
+            ps->coefficients(s, ps->args, k, c0, c1, acc, acc + C);
+            if (ps->out) task_affine(s, k, a0, a1, c0, c1, ps->affine_p, ps->affine_q, ps->coef, ps->out);
+        }
+    } else {
+        PARALLEL_FOR
+        for (i64 t = 0; t < tasks; t++) {
+            i64 k, a0, a1, c0, c1;
+            task_range(s, t, &k, &a0, &a1, &c0, &c1);
+            sums_of(s, ps, k, a0, a1, c0, c1, partial + t * C * 2);
+        }
+        total_sums(s, partial, sums);
+        for (i64 k = 0; k < s->K; k++) ps->coefficients(s, ps->args, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
+        if (ps->out) {
+            PARALLEL_FOR
+            for (i64 t = 0; t < tasks; t++) {
+                i64 k, a0, a1, c0, c1;
+                task_range(s, t, &k, &a0, &a1, &c0, &c1);
+                task_affine(s, k, a0, a1, c0, c1, ps->affine_p, ps->affine_q, ps->coef, ps->out);
+            }
+        }
+    }
+    free(partial);
+    free(sums);
+    return 0;
+}
+
 /* What the forward pass needs besides its tensors. */
 typedef struct {
     const float *gamma, *beta, *shift;
@@ -266,8 +332,9 @@ typedef struct {
 } forward_args;
 
 /* Statistics and output coefficients of row k's groups in channels [c0, c1), from their sums. */
-static void forward_coefficients(const split *s, const forward_args *f, i64 k, i64 c0, i64 c1,
-                                 const double *s1, const double *s2) {
+static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0, i64 c1, const double *s1,
+                                 const double *s2) {
+    const forward_args *f = args;
     const i64 C = s->C, cg = s->cg;
     const double n = (double)(s->A * cg * s->B);
     for (i64 g = c0 / cg; g < c1 / cg; g++) {
@@ -299,55 +366,22 @@ static void forward_coefficients(const split *s, const forward_args *f, i64 k, i
 /* The forward pass. gamma and beta may be NULL. Writes the output y and, per (k, group), the shift, the
    mean of x - shift and the reciprocal standard deviation (for the backward pass). With huge_pages, y
    is a fresh buffer that may be backed by huge pages (see prefer_huge_pages). Returns 0, or -1 when
-   out of memory. Where every task holds whole groups, each task finishes its groups on its own while
-   their rows are still in cache; otherwise the statistics are completed between two parallel passes. */
+   out of memory. */
 int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, i64 G, const float *gamma,
                           const float *beta, double eps, int shifted, float *shift_out, float *mean_out,
                           float *rstd_out, int huge_pages, int nthreads) {
-    (void)nthreads; /* used by OpenMP, where it is compiled in */
     const split s = make_split(K, A, C, B, G);
-    const i64 tasks = task_count(&s);
     float *shift = calloc((size_t)(K * C), sizeof(float));
-    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
-    double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
     float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
     int status = -1;
-    if (!shift || !partial || !coef || (s.a_chunks > 1 && !sums)) goto done;
-    if (huge_pages) prefer_huge_pages(y, K * A * C * B * (i64)sizeof(float));
-    if (shifted) corner_shift(&s, x, shift);
-    const forward_args f = {gamma, beta, shift, eps, shift_out, mean_out, rstd_out, coef};
-    if (s.a_chunks == 1) {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-            double *acc = partial + t * C * 2;
-            task_sums(&s, k, a0, a1, c0, c1, x, shift, NULL, NULL, acc, acc + C, 0);
-            forward_coefficients(&s, &f, k, c0, c1, acc, acc + C);
-            task_affine(&s, k, a0, a1, c0, c1, x, NULL, coef, y);
-        }
-    } else {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-            double *acc = partial + t * C * 2;
-            task_sums(&s, k, a0, a1, c0, c1, x, shift, NULL, NULL, acc, acc + C, 0);
-        }
-        total_sums(&s, partial, sums);
-        for (i64 k = 0; k < K; k++) forward_coefficients(&s, &f, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-            task_affine(&s, k, a0, a1, c0, c1, x, NULL, coef, y);
-        }
+    if (shift && coef) {
+        if (huge_pages) prefer_huge_pages(y, K * A * C * B * (i64)sizeof(float));
+        if (shifted) corner_shift(&s, x, shift);
+        const forward_args f = {gamma, beta, shift, eps, shift_out, mean_out, rstd_out, coef};
+        const passes ps = {x, shift, NULL, NULL, forward_coefficients, &f, x, NULL, coef, y};
+        status = run_passes(&s, &ps, nthreads);
     }
-    status = 0;
-done:
     free(shift);
-    free(partial);
-    free(sums);
     free(coef);
     return status;
 }
@@ -362,8 +396,9 @@ typedef struct {
 /* Input-gradient coefficients of row k's groups in channels [c0, c1), from the sums of dy and of
    dy * (x - shift) per channel:  dx = r (gamma dy - mean(gamma dy) - xhat mean(gamma dy xhat)), with
    means over the group, written as dx = r (gamma dy + (x - shift) * m1 + m0). */
-static void backward_coefficients(const split *s, const backward_args *b, i64 k, i64 c0, i64 c1,
-                                  const double *s1, const double *s2) {
+static void backward_coefficients(const split *s, const void *args, i64 k, i64 c0, i64 c1, const double *s1,
+                                  const double *s2) {
+    const backward_args *b = args;
     const i64 C = s->C, cg = s->cg;
     const double n = (double)(s->A * cg * s->B);
     for (i64 g = c0 / cg; g < c1 / cg; g++) {
@@ -392,70 +427,40 @@ static void backward_coefficients(const split *s, const backward_args *b, i64 k,
 }
 
 /* The backward pass, from the forward pass's shift, mean and rstd. dx, dgamma and dbeta may each be NULL
-   (not wanted); gamma may be NULL; huge_pages as for the forward pass, for dx. dgamma and dbeta are per channel, summed over K. Returns 0, or -1 when
-   out of memory. */
+   (not wanted); gamma may be NULL; huge_pages as for the forward pass, for dx. dgamma and dbeta are per
+   channel, summed over K. Returns 0, or -1 when out of memory. */
 int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i64 A, i64 C, i64 B, i64 G,
                            const float *gamma, const float *shift_in, const float *mean_in,
                            const float *rstd_in, float *dgamma, float *dbeta, int huge_pages, int nthreads) {
-    (void)nthreads;
     const split s = make_split(K, A, C, B, G);
-    const i64 tasks = task_count(&s), cg = C / G;
+    const i64 cg = C / G;
     float *zero = calloc((size_t)(K * C), sizeof(float));
     float *shift = malloc(sizeof(float) * (size_t)(K * C));
-    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
-    double *sums = s.a_chunks > 1 ? malloc(sizeof(double) * (size_t)(K * C * 2)) : NULL;
     double *per_kc = malloc(sizeof(double) * (size_t)(K * C * 2));
     float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
     int status = -1;
-    if (!zero || !shift || !partial || !per_kc || !coef || (s.a_chunks > 1 && !sums)) goto done;
-    for (i64 k = 0; k < K; k++)
-        for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[k * G + c / cg];
-    if (dx && huge_pages) prefer_huge_pages(dx, K * A * C * B * (i64)sizeof(float));
-    const backward_args b = {gamma, shift, mean_in, rstd_in, per_kc, per_kc + K * C, coef};
-    if (s.a_chunks == 1) {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-            double *acc = partial + t * C * 2;
-            task_sums(&s, k, a0, a1, c0, c1, dy, zero, x, shift, acc, acc + C, 1);
-            backward_coefficients(&s, &b, k, c0, c1, acc, acc + C);
-            if (dx) task_affine(&s, k, a0, a1, c0, c1, x, dy, coef, dx);
-        }
-    } else {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-            double *acc = partial + t * C * 2;
-            task_sums(&s, k, a0, a1, c0, c1, dy, zero, x, shift, acc, acc + C, 1);
-        }
-        total_sums(&s, partial, sums);
-        for (i64 k = 0; k < K; k++) backward_coefficients(&s, &b, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
-        if (dx) {
-            PARALLEL_FOR
-            for (i64 t = 0; t < tasks; t++) {
-                i64 k, a0, a1, c0, c1;
-                task_range(&s, t, &k, &a0, &a1, &c0, &c1);
-                task_affine(&s, k, a0, a1, c0, c1, x, dy, coef, dx);
+    if (zero && shift && per_kc && coef) {
+        for (i64 k = 0; k < K; k++)
+            for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[k * G + c / cg];
+        if (dx && huge_pages) prefer_huge_pages(dx, K * A * C * B * (i64)sizeof(float));
+        const backward_args b = {gamma, shift, mean_in, rstd_in, per_kc, per_kc + K * C, coef};
+        /* the sums of dy and of dy * (x - shift) */
+        const passes ps = {dy, zero, x, shift, backward_coefficients, &b, x, dy, coef, dx};
+        status = run_passes(&s, &ps, nthreads);
+    }
+    if (status == 0) {
+        for (i64 c = 0; c < C; c++) {
+            double dg = 0.0, db = 0.0;
+            for (i64 k = 0; k < K; k++) {
+                dg += per_kc[K * C + k * C + c];
+                db += per_kc[k * C + c];
             }
+            if (dgamma) dgamma[c] = (float)dg;
+            if (dbeta) dbeta[c] = (float)db;
         }
     }
-    for (i64 c = 0; c < C; c++) {
-        double dg = 0.0, db = 0.0;
-        for (i64 k = 0; k < K; k++) {
-            dg += b.sum_dy_xhat[k * C + c];
-            db += b.sum_dy[k * C + c];
-        }
-        if (dgamma) dgamma[c] = (float)dg;
-        if (dbeta) dbeta[c] = (float)db;
-    }
-    status = 0;
-done:
     free(zero);
     free(shift);
-    free(partial);
-    free(sums);
     free(per_kc);
     free(coef);
     return status;
