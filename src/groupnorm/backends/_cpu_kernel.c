@@ -6,7 +6,9 @@
 
    Numerics are the project's: every group is shifted by the mean of its leading corner (up to 8 x 8
    elements per channel), so that x - shift is exact for values near the mean, and the sums of
-   (x - shift) and its square accumulate in float64. The output is (x - shift) * scale + offset.
+   (x - shift) and its square accumulate in float64 (where channels are innermost, from float32 sums of
+   eight rows; a task whose float32 squares overflow is summed again in float64). The output is
+   (x - shift) * scale + offset.
 
    Work is split into tasks of whole rows of K, or of A (and, where B > 1, of whole groups), each writing
    its own partial sums, which are then added in a fixed order. The split depends on the shape alone, so

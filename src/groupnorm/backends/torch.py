@@ -745,7 +745,7 @@ class _GroupNormFunction(torch.autograd.Function):
         grad_wanted: bool,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            found: tuple[torch.Tensor, _Native | _Kernel] | None = None
+            found: tuple[torch.Tensor, _Native | _Kernel] | None
             found = _kernel_forward(plan, x, gamma, beta, activation, grad_wanted)
             if found is None and NATIVE:
                 found = _native_forward(plan, x, gamma, beta, activation, grad_wanted)
