@@ -118,3 +118,14 @@ def test_reduced_precision_near_its_range(dtype: Any) -> None:
     assert y.dtype == dtype
     want = reference_group_norm(np.asarray(x, np.float64), GROUPS, -1, (1, 2), None, None, EPS)
     assert np.abs(np.asarray(y, np.float64) - want).max() <= 2e-2
+
+
+def test_vmap_with_one_example_beyond_the_range() -> None:
+    """Under ``vmap``, an example whose squares overflow and ordinary ones: each as on its own."""
+    shape, _ = SHAPES["small"]
+    x = hard_data((3, *shape[1:]), -1, 2.0, dtype=np.float64)
+    x[1] *= 1e30
+    x32 = x.astype(np.float32)
+    y = jax.vmap(lambda xi: groupnorm.group_norm(xi, GROUPS, epsilon=EPS))(jnp.asarray(x32))
+    want = reference_group_norm(x32, GROUPS, -1, (1, 2), None, None, EPS)
+    assert np.abs(np.asarray(y, np.float64) - want).max() <= 1e-5
