@@ -13,6 +13,11 @@ turns out to be far from the group's mean (further than one standard deviation, 
 does) the sums are taken again around the mean just found, so accuracy never depends on the data's
 layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
 
+Spreads beyond the range of squares (about 1.8e19 in float32): the statistics carry the variance
+scaled by a per-group power of two (exact), so the output and gradients, which are in range, never go
+through the unscaled variance; where the sums of squares overflowed, they are taken again of ``x``
+scaled by the group's largest ``|x|`` (only then: ordinary data pays nothing for it).
+
 Statistics across devices: with ``axis_name`` (inside ``shard_map`` or ``pmap``) each device's input is
 one shard of the groups' elements. The shift is then the mean over all shards (their sums and counts
 added with ``psum``), the same on every device, and the shifted sums are added over devices too, so the
@@ -49,7 +54,7 @@ SAMPLE_MIN_GROUP = 8192
 #: of the backend's view of the input (see ``_layout``).
 SAMPLE_FRACTION = 64
 
-Moments = tuple[jax.Array, jax.Array, jax.Array]
+Moments = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def is_array(x: object) -> bool:
@@ -117,11 +122,42 @@ def _psum(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array
     return cast(jax.Array, jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups))  # type: ignore[no-untyped-call]
 
 
+def _pmax(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
+    return cast(jax.Array, jax.lax.pmax(value, axis_name, axis_index_groups=axis_index_groups))  # type: ignore[no-untyped-call]
+
+
+@jax.custom_batching.custom_vmap
+def _any(flags: jax.Array) -> jax.Array:
+    """``jnp.any(flags)``, also over a ``vmap``'s batch axis: a ``lax.cond`` on it stays a branch under
+    ``vmap`` (where a per-example predicate would run both branches for every example)."""
+    return jnp.any(flags)
+
+
+@_any.def_vmap
+def _any_vmap(axis_size: int, in_batched: list[bool], flags: jax.Array) -> tuple[jax.Array, bool]:
+    return _any(flags), False
+
+
+def _unit(exponent: jax.Array, dtype: Any) -> jax.Array:
+    """``2 ** -exponent`` in ``dtype``, exactly; ``exponent`` is clamped to where that is a normal number."""
+    top = 1022 if jnp.dtype(dtype) == jnp.float64 else 126
+    return jnp.ldexp(jnp.ones(exponent.shape, dtype), -jnp.clip(exponent, 0, top))
+
+
 @lru_cache(maxsize=256)
 def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) -> Callable[[jax.Array], Moments]:
     """For a plan (and an optional device axis), a function from the input in :func:`_layout`'s view (in
-    the work dtype) to per-group ``(shift, mean of x - shift, variance)``: the view's shape with the
-    reduced axes set to 1 and the channel axis to the number of groups."""
+    the work dtype) to per-group ``(shift, mean of x - shift, variance of (x - shift) * unit, unit)``:
+    the view's shape with the reduced axes set to 1 and the channel axis to the number of groups.
+
+    ``unit`` is a power of two, ``2 ** -e`` with ``e >= 0``, that brings the variance near 1 where it
+    is larger (the variance itself is ``var * 4 ** e``, the reciprocal standard deviation
+    ``rsqrt(var + eps * unit ** 2) * unit``). Where the spread is large, beyond ``1.8e19`` in float32,
+    ``var * 4 ** e`` is beyond the dtype's range while the normalized output and its gradients are not:
+    computed from the scaled variance they stay in range. Ordinary data takes the sums of ``x - shift``
+    as they are (``e`` then follows from their variance, exactly); only where those sums overflowed
+    (any group's variance not finite) are they taken again, of ``(x - shift) * unit`` with ``unit``
+    from the group's largest ``|x|``."""
     layout = _layout(plan)
     axes, c, g = layout.reduced, layout.channel, plan.groups
     groups_arg = None if axis_index_groups is None else [list(i) for i in axis_index_groups]  # type: ignore[attr-defined]
@@ -132,9 +168,12 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
     def count(like: jax.Array) -> jax.Array:
         return total(jnp.asarray(plan.group_size, like.dtype))
 
-    def per_group(per_channel: jax.Array) -> jax.Array:
+    def grouped(per_channel: jax.Array) -> jax.Array:
         s = per_channel.shape
-        return jnp.sum(per_channel.reshape((*s[:c], g, s[c] // g, *s[c + 1 :])), axis=c + 1)
+        return per_channel.reshape((*s[:c], g, s[c] // g, *s[c + 1 :]))
+
+    def per_group(per_channel: jax.Array) -> jax.Array:
+        return jnp.sum(grouped(per_channel), axis=c + 1)
 
     def group_sum(values: jax.Array) -> jax.Array:
         return per_group(jnp.sum(values, axis=axes, keepdims=True))
@@ -154,6 +193,27 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
             s2 = jnp.sum(jnp.square(sc - xv), axis=axes, keepdims=True)
         return total(per_group(s1)), total(per_group(s2))
 
+    def rescaled(xv: jax.Array) -> Moments:
+        """The moments where the plain sums overflowed: of ``x * unit`` with ``unit`` from the group's
+        largest ``|x|``, all in range (the shift taken twice, as the sampled one may be far off)."""
+        n = count(xv)
+        biggest = jnp.max(grouped(jnp.max(jnp.abs(xv), axis=axes, keepdims=True)), axis=c + 1)
+        if axis_name is not None:
+            biggest = _pmax(biggest, axis_name, groups_arg)
+        unit = _unit(jnp.frexp(biggest)[1], xv.dtype)
+        xs = xv * to_channels(unit, plan)
+        if plan.mean_close_to_zero:
+            shift = jnp.zeros((), xv.dtype)
+            s1, s2 = shifted_sums(xs, None)
+        else:
+            shift_s = total(group_sum(xs)) / n
+            shift_s = shift_s + shifted_sums(xs, shift_s)[0] / n
+            s1, s2 = shifted_sums(xs, shift_s)
+            shift = shift_s / unit
+        mean = s1 / n
+        var = jnp.maximum(s2 / n - jnp.square(mean), 0)
+        return shift, mean / unit, var, unit
+
     def moments(xv: jax.Array) -> Moments:
         n = count(xv)
         if plan.mean_close_to_zero:
@@ -171,7 +231,7 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
                 shift = group_sum(part) / (n * size / xv.shape[sample_axis])
                 s1, s2 = shifted_sums(xv, shift)
                 m0 = s1 / n
-                far = jnp.any(jnp.square(m0) > s2 / n - jnp.square(m0))
+                far = _any(jnp.square(m0) > s2 / n - jnp.square(m0))
 
                 def again(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
                     old, first, _ = args
@@ -181,7 +241,11 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
                 shift, s1, s2 = jax.lax.cond(far, again, lambda args: args, (shift, s1, s2))
         mean = s1 / n
         var = jnp.maximum(s2 / n - jnp.square(mean), 0)
-        return shift, mean, var
+        # Scaling the variance by a power of two (>= 1) is exact: the same result, in range.
+        unit = _unit(jnp.frexp(var)[1] // 2, var.dtype)
+        plain = (shift, mean, var * unit * unit, unit)
+        overflowed = _any(~jnp.isfinite(var))
+        return cast(Moments, jax.lax.cond(overflowed, lambda ops: rescaled(ops[0]), lambda ops: ops[1], (xv, plain)))
 
     @jax.custom_jvp
     def stats(xv: jax.Array) -> Moments:
@@ -190,12 +254,13 @@ def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) ->
     @stats.defjvp
     def stats_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[Moments, Moments]:
         (xv,), (dx,) = primals, tangents
-        shift, mean, var = stats(xv)
+        shift, mean, var, unit = stats(xv)
         n = count(xv)
         dmean = total(group_sum(dx)) / n
-        centered = (xv - to_channels(shift, plan)) - to_channels(mean, plan)
-        dvar = 2 * total(group_sum(centered * dx)) / n
-        return (shift, mean, var), (jnp.zeros_like(shift), dmean, dvar)
+        # in units of ``unit``: (x - mean) * unit is in range where its square is not
+        centered = ((xv - to_channels(shift, plan)) - to_channels(mean, plan)) * to_channels(unit, plan)
+        dvar = total(group_sum(centered * dx)) * (2 * unit / n)
+        return (shift, mean, var, unit), (jnp.zeros_like(shift), dmean, dvar, jnp.zeros_like(unit))
 
     return cast(Callable[[jax.Array], Moments], stats)
 
@@ -275,8 +340,9 @@ def _run(
     layout = _layout(plan)
     view = layout.shape(dims)
     xv = x.reshape(view).astype(work)
-    shift, mean, var = _moments_fn(plan, axis_name, axis_index_groups)(xv)
-    rstd = jax.lax.rsqrt(var + jnp.asarray(plan.epsilon, work))
+    shift, mean, var, unit = _moments_fn(plan, axis_name, axis_index_groups)(xv)
+    # ``var`` is the variance times ``unit ** 2`` (see ``_moments_fn``): in range, as is the result.
+    rstd = jax.lax.rsqrt(var + jnp.asarray(plan.epsilon, work) * unit * unit) * unit
     param_shape = tuple(plan.channels if i == layout.channel else 1 for i in range(len(view)))
     scale = to_channels(rstd, plan)
     if gamma is not None:
