@@ -228,12 +228,18 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
             gb = b if gamma is None else b * gamma
             m1 = tf.reduce_sum(ga, axis=c + 1, keepdims=True) * (1.0 / n)
             m2 = tf.reduce_sum(gb, axis=c + 1, keepdims=True) * (1.0 / n)
-            # dx = rstd * (g * dpre - m1 - xhat * m2), one fused pass over dpre and x - K. Not
-            # expanded into per-group coefficients of x - K: that one is rstd * rstd * m2, which
-            # underflows for spreads beyond ~1e19 (and TensorFlow's graph optimizer regroups chains
-            # of products by operand size, so no small factor may multiply two others)
-            g_dys = dys if gamma is None else dys * gamma
-            dx = (g_dys - m1 - xhat * m2) * rstd
+            # dx = rstd * (g * dpre - m1 - xhat * m2), one fused pass over dpre and x - K, with
+            # per-group factors that stay in range: the coefficient of x - K itself would be
+            # rstd * rstd * m2, which underflows for spreads beyond ~1e19
+            if jit:
+                p = rstd if gamma is None else rstd * gamma
+                t = rstd * m2
+                r = (mean * rstd) * t - rstd * m1
+                dx = dys * p - (centered * rstd) * t + r
+            else:
+                # TensorFlow's graph optimizer regroups chains of products by operand size (XLA does
+                # not): here no small factor may multiply two others
+                dx = ((dys if gamma is None else dys * gamma) - m1 - xhat * m2) * rstd
             dx = tf.reshape(tf.cast(dx, x.dtype), dims)
             grads = [dx]
             if has_gamma:
