@@ -4,7 +4,9 @@ On the TensorFlow Keras backend, :func:`execute` hands tensors to :mod:`groupnor
 (XLA-compiled, with a hand-written gradient) unless ``portable=True``; on JAX, PyTorch and others the
 plan runs as ``keras.ops`` and is differentiated by the backend's autodiff. The numerics are those of
 every groupnorm backend: statistics in float32 (float64 for float64 input), the default mode shifts each
-group by its rough mean before summing, and the output is formed from the shifted input.
+group by its rough mean before summing, and the output is formed from the shifted input. float32 sums
+are scaled by an exact power of two per group before squaring (chosen from a few elements at the
+group's corner), so spreads beyond the range of float32 squares (about 1.8e19) keep an exact result.
 """
 
 from __future__ import annotations
@@ -50,6 +52,30 @@ def _sum(t: Any, axes: tuple[int, ...]) -> Any:
     return ops.sum(t, axis=axes, keepdims=True)
 
 
+#: how many elements along the innermost reduced axis of the statistics view the corner spans
+_CORNER = 8
+
+
+def _corner(plan: Plan, v: Any) -> Any:
+    """A few elements of each group of ``v`` (in the statistics view): the first along every reduced
+    axis, the first :data:`_CORNER` along the innermost one."""
+    reduce = plan.view_reduce_axes
+    index = tuple(
+        (slice(0, _CORNER) if a == reduce[-1] else slice(0, 1)) if a in reduce else slice(None)
+        for a in range(len(v.shape))
+    )
+    return v[index]
+
+
+def _power_of_two(deviation: Any) -> tuple[Any, Any]:
+    """``(2**-e, 2**e)`` for ``e`` the binary exponent of each float32 ``deviation >= 0``, clamped to
+    ``[0, 126]`` (so never scaling up, and both factors normal): exact scale factors from the bits."""
+    e = ops.clip(ops.right_shift(ops.view(deviation, "int32"), 23) - 127, 0, 126)
+    down = ops.view(ops.left_shift(127 - e, 23), "float32")
+    up = ops.view(ops.left_shift(127 + e, 23), "float32")
+    return down, up
+
+
 def execute(plan: Plan, x: Any, gamma: Any, beta: Any, activation: Activation, *, portable: bool = False) -> Any:
     """Run a validated plan on a tensor of the current Keras backend; ``gamma``/``beta`` are ``[C]``
     tensors or variables, or None. ``portable=True`` uses ``keras.ops`` even on TensorFlow."""
@@ -67,12 +93,23 @@ def execute(plan: Plan, x: Any, gamma: Any, beta: Any, activation: Activation, *
     if plan.mean_close_to_zero:
         shift = None
         d = v
+        corner = _corner(plan, v)
     else:
         shift = _sum(v, axes) / n
         d = v - shift
+        corner = _corner(plan, v) - shift
+    epsilon = ops.cast(plan.epsilon, work)
+    if work == "float32":
+        # beyond ~1.8e19 squares overflow float32: sum (x - K) * 2**-e, exactly scaled
+        down, up = _power_of_two(ops.stop_gradient(ops.max(ops.abs(corner), axis=axes, keepdims=True)))
+        d = d * down
+        # eps * 4**-e, kept normal (it underflows for e > ~55, where only a zero variance sees it)
+        epsilon = ops.maximum(epsilon * down * down, min(plan.epsilon, 2.0**-126))
     mean = _sum(d, axes) / n
     var = ops.maximum(_sum(ops.square(d), axes) / n - ops.square(mean), 0.0)
-    rstd = ops.rsqrt(var + ops.cast(plan.epsilon, work))
+    rstd = ops.rsqrt(var + epsilon)
+    if work == "float32":
+        mean, rstd = mean * up, rstd * down
     mean, rstd = ops.reshape(mean, stats), ops.reshape(rstd, stats)
 
     scale = rstd if gamma is None else rstd * ops.reshape(ops.cast(gamma, work), plan.param_shape)

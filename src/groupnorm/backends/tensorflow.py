@@ -12,9 +12,15 @@ default (:data:`JIT_COMPILE`), with a hand-written gradient:
   fused elementwise pass forms ``(x - K) * scale + offset`` with per-channel ``scale = rstd * gamma``,
   ``offset = beta - mean(x - K) * scale``, then the fused activation.
 * ``mean_close_to_zero``: the same without the shift (one reduction pass), variance clamped at zero.
+* float32 statistics beyond the range of float32 squares (spreads above about 1.8e19): before squaring,
+  the summed values are scaled by a power of two ``2**-e`` per group, ``e >= 0`` the exponent of the
+  largest ``|x - K|`` (``|x|`` for ``mean_close_to_zero``) among a few elements at the group's corner.
+  The scaling is exact, so ordinary data gives the same statistics as without it; the mean is scaled
+  back and ``rstd = rsqrt(var_s + eps * 4**-e) * 2**-e``, which never forms the overflowing variance.
 * gradient: two reductions per (kept index, channel) -- of ``dy`` and of ``dy * xhat`` -- give the
   gradients of ``beta`` and ``gamma`` and the two group means the input gradient needs, which is then one
-  fused elementwise pass.
+  fused elementwise pass, ``rstd * (gamma * dy - m1 - xhat * m2)`` (never ``rstd * rstd``, which
+  underflows where the spread is beyond about 1e19).
 """
 
 from __future__ import annotations
@@ -74,6 +80,32 @@ def _dims(x: tf.Tensor) -> list[Any]:
         return static
     dynamic = tf.shape(x)
     return [dynamic[i] if d is None else d for i, d in enumerate(static)]
+
+
+#: how many elements along the innermost reduced axis of the statistics view the corner spans
+_CORNER = 8
+#: float32's smallest normal number, 2**-126
+_F32_TINY = 2.0**-126
+
+
+def _corner(plan: Plan, v: tf.Tensor) -> tf.Tensor:
+    """A few elements of each group of ``v`` (in the statistics view): the first along every reduced
+    axis, the first :data:`_CORNER` along the innermost one."""
+    reduce = plan.view_reduce_axes
+    index = tuple(
+        (slice(0, _CORNER) if a == reduce[-1] else slice(0, 1)) if a in reduce else slice(None)
+        for a in range(len(v.shape))
+    )
+    return v[index]
+
+
+def _power_of_two(deviation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(2**-e, 2**e)`` for ``e`` the binary exponent of each float32 ``deviation >= 0``, clamped to
+    ``[0, 126]`` (so never scaling up, and both factors normal): exact scale factors from the bits."""
+    e = tf.clip_by_value(tf.bitwise.right_shift(tf.bitcast(deviation, tf.int32), 23) - 127, 0, 126)
+    down = tf.bitcast(tf.bitwise.left_shift(127 - e, 23), tf.float32)
+    up = tf.bitcast(tf.bitwise.left_shift(127 + e, 23), tf.float32)
+    return down, up
 
 
 def _reduce_sums(ts: Sequence[tf.Tensor], axes: Sequence[int], staged: bool) -> list[tf.Tensor]:
@@ -136,13 +168,25 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
         if plan.mean_close_to_zero:
             shift = None
             d = v
+            corner = _corner(plan, v)
         else:
             shift = reduce_sum(v, reduce_view) * (1.0 / n)
             d = v - shift
+            corner = _corner(plan, v) - shift
+        epsilon = tf.constant(plan.epsilon, work)
+        if work == tf.float32:
+            # beyond ~1.8e19 squares overflow float32: sum (x - K) * 2**-e, exactly scaled
+            deviation = tf.reduce_max(tf.abs(corner), axis=reduce_view, keepdims=True)
+            down, up = _power_of_two(tf.stop_gradient(deviation))
+            d = d * down
+            # eps * 4**-e, kept normal (it underflows for e > ~55, where only a zero variance sees it)
+            epsilon = tf.maximum(epsilon * down * down, min(plan.epsilon, _F32_TINY))
         s1, s2 = _reduce_sums([d, tf.square(d)], reduce_view, jit)
         mean = s1 * (1.0 / n)
         var = tf.maximum(s2 * (1.0 / n) - tf.square(mean), 0.0)
-        rstd = tf.math.rsqrt(var + tf.constant(plan.epsilon, work))
+        rstd = tf.math.rsqrt(var + epsilon)
+        if work == tf.float32:
+            mean, rstd = mean * up, rstd * down
         return (
             None if shift is None else tf.reshape(shift, stats),
             tf.reshape(mean, stats),
@@ -184,11 +228,19 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
             gb = b if gamma is None else b * gamma
             m1 = tf.reduce_sum(ga, axis=c + 1, keepdims=True) * (1.0 / n)
             m2 = tf.reduce_sum(gb, axis=c + 1, keepdims=True) * (1.0 / n)
-            # dx = rstd * (g * dpre - m1 - xhat * m2), written as one fused pass over dpre and x - K
-            p = rstd if gamma is None else rstd * gamma
-            q = -rstd * rstd * m2
-            r = rstd * (rstd * m2 * mean - m1)
-            dx = tf.reshape(tf.cast(dys * p + centered * q + r, x.dtype), dims)
+            # dx = rstd * (g * dpre - m1 - xhat * m2), one fused pass over dpre and x - K, with
+            # per-group factors that stay in range: the coefficient of x - K itself would be
+            # rstd * rstd * m2, which underflows for spreads beyond ~1e19
+            if jit:
+                p = rstd if gamma is None else rstd * gamma
+                t = rstd * m2
+                r = (mean * rstd) * t - rstd * m1
+                dx = dys * p - (centered * rstd) * t + r
+            else:
+                # TensorFlow's graph optimizer regroups chains of products by operand size (XLA does
+                # not): here no small factor may multiply two others
+                dx = ((dys if gamma is None else dys * gamma) - m1 - xhat * m2) * rstd
+            dx = tf.reshape(tf.cast(dx, x.dtype), dims)
             grads = [dx]
             if has_gamma:
                 grads.append(tf.cast(tf.reshape(tf.reduce_sum(b, axis=channel_sum), [-1]), params[0].dtype))
