@@ -211,10 +211,11 @@ static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, c
     }
 }
 
-/* Asks the kernel to back a fresh output buffer with huge pages where it can (Linux, transparent huge
-   pages in "madvise" mode): its first write then takes one page fault per 2 MiB instead of one per 4 KiB,
-   which on a large output costs more than the normalization itself. Only a hint; errors are ignored. */
-static void prefer_huge_pages(void *buffer, i64 bytes) {
+/* Asks the kernel to back a fresh (not yet written) buffer with huge pages where it can (Linux,
+   transparent huge pages in "madvise" or "always" mode): its first write then takes one page fault per
+   2 MiB instead of one per 4 KiB, which on a large output costs more than the normalization itself.
+   Only a hint; errors are ignored. */
+void groupnorm_prefer_huge_pages(void *buffer, i64 bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)1 << 21;
     if (bytes < (i64)(2 * huge)) return;
@@ -366,18 +367,16 @@ static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0
 }
 
 /* The forward pass. gamma and beta may be NULL. Writes the output y and, per (k, group), the shift, the
-   mean of x - shift and the reciprocal standard deviation (for the backward pass). With huge_pages, y
-   is a fresh buffer that may be backed by huge pages (see prefer_huge_pages). Returns 0, or -1 when
+   mean of x - shift and the reciprocal standard deviation (for the backward pass). Returns 0, or -1 when
    out of memory. */
 int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, i64 G, const float *gamma,
                           const float *beta, double eps, int shifted, float *shift_out, float *mean_out,
-                          float *rstd_out, int huge_pages, int nthreads) {
+                          float *rstd_out, int nthreads) {
     const split s = make_split(K, A, C, B, G);
     float *shift = calloc((size_t)(K * C), sizeof(float));
     float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
     int status = -1;
     if (shift && coef) {
-        if (huge_pages) prefer_huge_pages(y, K * A * C * B * (i64)sizeof(float));
         if (shifted) corner_shift(&s, x, shift);
         const forward_args f = {gamma, beta, shift, eps, shift_out, mean_out, rstd_out, coef};
         const passes ps = {x, shift, NULL, NULL, forward_coefficients, &f, x, NULL, coef, y};
@@ -429,11 +428,10 @@ static void backward_coefficients(const split *s, const void *args, i64 k, i64 c
 }
 
 /* The backward pass, from the forward pass's shift, mean and rstd. dx, dgamma and dbeta may each be NULL
-   (not wanted); gamma may be NULL; huge_pages as for the forward pass, for dx. dgamma and dbeta are per
-   channel, summed over K. Returns 0, or -1 when out of memory. */
+   (not wanted); gamma may be NULL. dgamma and dbeta are per channel, summed over K. Returns 0, or -1 when out of memory. */
 int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i64 A, i64 C, i64 B, i64 G,
                            const float *gamma, const float *shift_in, const float *mean_in,
-                           const float *rstd_in, float *dgamma, float *dbeta, int huge_pages, int nthreads) {
+                           const float *rstd_in, float *dgamma, float *dbeta, int nthreads) {
     const split s = make_split(K, A, C, B, G);
     const i64 cg = C / G;
     float *zero = calloc((size_t)(K * C), sizeof(float));
@@ -444,7 +442,6 @@ int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i6
     if (zero && shift && per_kc && coef) {
         for (i64 k = 0; k < K; k++)
             for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[k * G + c / cg];
-        if (dx && huge_pages) prefer_huge_pages(dx, K * A * C * B * (i64)sizeof(float));
         const backward_args b = {gamma, shift, mean_in, rstd_in, per_kc, per_kc + K * C, coef};
         /* the sums of dy and of dy * (x - shift) */
         const passes ps = {dy, zero, x, shift, backward_coefficients, &b, x, dy, coef, dx};

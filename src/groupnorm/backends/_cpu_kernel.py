@@ -102,10 +102,12 @@ def _build(cc: str, target: Path) -> str | None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    lib.groupnorm_forward_f32.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, f64, i32, p, p, p, i32, i32]
+    lib.groupnorm_forward_f32.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, f64, i32, p, p, p, i32]
     lib.groupnorm_forward_f32.restype = i32
-    lib.groupnorm_backward_f32.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, p, p, i32, i32]
+    lib.groupnorm_backward_f32.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, p, p, i32]
     lib.groupnorm_backward_f32.restype = i32
+    lib.groupnorm_prefer_huge_pages.argtypes = [p, i64]
+    lib.groupnorm_prefer_huge_pages.restype = None
     return lib
 
 

@@ -512,6 +512,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _fresh(lib: Any, shape: Sequence[int]) -> torch.Tensor:
+    """A new float32 CPU tensor, not yet written, backed by huge pages where :data:`HUGE_PAGES` allows."""
+    t = torch.empty(shape, dtype=torch.float32)
+    if HUGE_PAGES:
+        lib.groupnorm_prefer_huge_pages(t.data_ptr(), t.numel() * 4)
+    return t
+
+
+def _activated(lib: Any, pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation(pre)`` as a new tensor with ``pre``'s memory layout (see :func:`_fresh`)."""
+    return _ACTIVATION_OUT[activation](pre, _fresh(lib, pre.shape).as_strided(pre.shape, pre.stride()))
+
+
 def _kernel_forward(
     plan: Plan,
     x: torch.Tensor,
@@ -531,11 +544,11 @@ def _kernel_forward(
         return None
     k, a, c, b = geometry
     g, w, bias = plan.groups, _kernel_param(gamma), _kernel_param(beta)
-    out = torch.empty(xp.shape, dtype=torch.float32)
+    out = _fresh(lib, xp.shape)
     shift, mean, rstd = (torch.empty(k, g) for _ in range(3))
     status = lib.groupnorm_forward_f32(
         xp.data_ptr(), out.data_ptr(), k, a, c, b, g, _ptr(w), _ptr(bias), plan.epsilon,
-        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(), int(HUGE_PAGES),
+        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -544,7 +557,7 @@ def _kernel_forward(
     pre = None
     if activation is not None:
         if keep_pre:
-            pre, y = y, _activate(y, activation)
+            pre, y = y, _activated(lib, y, activation)
         else:
             _activate_(y, activation)
     return y, _Kernel(layout, geometry, shift, mean, rstd, pre)
@@ -568,18 +581,20 @@ def _kernel_backward(
             found = _kernel_forward(plan, x, gamma, beta, None)
             assert found is not None
             pre = found[0]
-        dy = _ACTIVATION_BACKWARD[activation](dy.to(torch.float32), pre)
+        dy = _ACTIVATION_GRAD_OUT[activation](
+            dy.to(torch.float32), pre, _fresh(lib, pre.shape).as_strided(pre.shape, pre.stride())
+        )
     layout = saved.layout
     xp, dyp = x.permute(layout.perm).contiguous(), dy.permute(layout.perm).to(torch.float32).contiguous()
     k, a, c, b = saved.geometry
     w = _kernel_param(gamma)
-    dx = torch.empty(xp.shape, dtype=torch.float32) if needs[0] else None
+    dx = _fresh(lib, xp.shape) if needs[0] else None
     dgamma = torch.empty(c) if needs[1] and gamma is not None else None
     dbeta = torch.empty(c) if needs[2] and beta is not None else None
     status = lib.groupnorm_backward_f32(
         xp.data_ptr(), dyp.data_ptr(), _ptr(dx), k, a, c, b, plan.groups, _ptr(w),
         saved.shift.data_ptr(), saved.mean.data_ptr(), saved.rstd.data_ptr(), _ptr(dgamma), _ptr(dbeta),
-        int(HUGE_PAGES), torch.get_num_threads(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
@@ -721,6 +736,20 @@ def _native_backward(
         dbeta = dbeta.to(beta.dtype)
     return (dx if mask[0] else None), (dgamma if mask[1] else None), (dbeta if mask[2] else None)
 
+
+#: torch's activations, written into a given tensor: (input, out) -> out.
+_ACTIVATION_OUT: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relu": lambda pre, out: torch.clamp_min(pre, 0, out=out),
+    "silu": lambda pre, out: torch.ops.aten.silu.out(pre, out=out),
+    "gelu": lambda pre, out: torch.ops.aten.gelu.out(pre, out=out),
+}
+
+#: torch's fused activation gradients into a given tensor: (gradient of the output, input, out) -> out.
+_ACTIVATION_GRAD_OUT: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relu": lambda dy, pre, out: torch.ops.aten.threshold_backward.grad_input(dy, pre, 0, grad_input=out),
+    "silu": lambda dy, pre, out: torch.ops.aten.silu_backward.grad_input(dy, pre, grad_input=out),
+    "gelu": lambda dy, pre, out: torch.ops.aten.gelu_backward.grad_input(dy, pre, grad_input=out),
+}
 
 #: torch's fused activation gradients: (gradient of the output, input of the activation) -> gradient.
 _ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
