@@ -9,7 +9,11 @@ takes a two-pass mean and variance of that row in float64.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,3 +173,13 @@ NAMED_CONFIGS = {
     "silu": Config((2, 4, 4, 8), 4, 1, (2, 3), activation="silu"),
     "gelu": Config((2, 8, 3, 3), 8, 1, (2, 3), activation="gelu", affine=False),
 }
+
+
+def run_python(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in a fresh process (with ``env`` added to the environment) that imports this
+    checkout's ``groupnorm`` and the tests' helpers."""
+    here = Path(__file__).resolve().parent
+    full = dict(os.environ, **env)
+    full["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")])
+    full.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run([sys.executable, *args], env=full, capture_output=True, text=True, timeout=300, check=False)

@@ -5,10 +5,6 @@ float64 reference."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -22,10 +18,9 @@ import groupnorm.tf1
 from groupnorm.backends import keras as keras_backend
 from groupnorm.backends import tensorflow as tf_backend
 from groupnorm.keras import GroupNormalization
-from support import hard_data, reference_group_norm
+from support import hard_data, reference_group_norm, run_python
 
 v1 = tf.compat.v1
-TESTS = Path(__file__).resolve().parent
 SCALES = [3e19, 1e30]
 EPS = 1e-5
 
@@ -186,16 +181,6 @@ print("exact on", backend)
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_keras_layer_on_other_backends(backend: str) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), env.get("PYTHONPATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    result = subprocess.run(
-        [sys.executable, "-c", OTHER_BACKEND_CHECK, backend],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python("-c", OTHER_BACKEND_CHECK, backend)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"exact on {backend}" in result.stdout

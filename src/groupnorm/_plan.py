@@ -124,6 +124,14 @@ class Plan:
         split = self.split_shape(dims)
         return tuple(_product(split[start:stop]) for start, stop in self.view_runs)
 
+    def corner_index(self, rank: int, span: int) -> tuple[slice, ...]:
+        """An index into the statistics view (``rank`` axes) that picks a few elements of every group:
+        the first along each reduced axis, the first ``span`` along the innermost one."""
+        reduce = self.view_reduce_axes
+        return tuple(
+            (slice(0, span) if a == reduce[-1] else slice(0, 1)) if a in reduce else slice(None) for a in range(rank)
+        )
+
     def stats_shape(self, dims: Sequence[Dim]) -> tuple[Dim | int, ...]:
         """Shape of per-group statistics that broadcast against the split view."""
         reduced = set(self.split_reduce_axes)

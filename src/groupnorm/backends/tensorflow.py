@@ -88,17 +88,6 @@ _CORNER = 8
 _F32_TINY = 2.0**-126
 
 
-def _corner(plan: Plan, v: tf.Tensor) -> tf.Tensor:
-    """A few elements of each group of ``v`` (in the statistics view): the first along every reduced
-    axis, the first :data:`_CORNER` along the innermost one."""
-    reduce = plan.view_reduce_axes
-    index = tuple(
-        (slice(0, _CORNER) if a == reduce[-1] else slice(0, 1)) if a in reduce else slice(None)
-        for a in range(len(v.shape))
-    )
-    return v[index]
-
-
 def _power_of_two(deviation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``(2**-e, 2**e)`` for ``e`` the binary exponent of each float32 ``deviation >= 0``, clamped to
     ``[0, 126]`` (so never scaling up, and both factors normal): exact scale factors from the bits."""
@@ -168,11 +157,11 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
         if plan.mean_close_to_zero:
             shift = None
             d = v
-            corner = _corner(plan, v)
+            corner = v[plan.corner_index(len(v.shape), _CORNER)]
         else:
             shift = reduce_sum(v, reduce_view) * (1.0 / n)
             d = v - shift
-            corner = _corner(plan, v) - shift
+            corner = v[plan.corner_index(len(v.shape), _CORNER)] - shift
         epsilon = tf.constant(plan.epsilon, work)
         if work == tf.float32:
             # beyond ~1.8e19 squares overflow float32: sum (x - K) * 2**-e, exactly scaled
