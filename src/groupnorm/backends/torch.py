@@ -520,9 +520,9 @@ def _fresh(lib: Any, shape: Sequence[int]) -> torch.Tensor:
     return t
 
 
-def _activated(lib: Any, pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation(pre)`` as a new tensor with ``pre``'s memory layout (see :func:`_fresh`)."""
-    return _ACTIVATION_OUT[activation](pre, _fresh(lib, pre.shape).as_strided(pre.shape, pre.stride()))
+def _fresh_like(lib: Any, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_fresh` with the memory layout of ``like`` (a permutation of a contiguous tensor)."""
+    return _fresh(lib, like.shape).as_strided(like.shape, like.stride())
 
 
 def _kernel_forward(
@@ -557,7 +557,7 @@ def _kernel_forward(
     pre = None
     if activation is not None:
         if keep_pre:
-            pre, y = y, _activated(lib, y, activation)
+            pre, y = y, _ACTIVATION_OUT[activation](y, _fresh_like(lib, y))
         else:
             _activate_(y, activation)
     return y, _Kernel(layout, geometry, shift, mean, rstd, pre)
@@ -576,14 +576,8 @@ def _kernel_backward(
     lib = _cpu_kernel.load()
     assert lib is not None  # the forward pass loaded it
     if activation is not None:
-        pre = saved.pre
-        if pre is None:
-            found = _kernel_forward(plan, x, gamma, beta, None)
-            assert found is not None
-            pre = found[0]
-        dy = _ACTIVATION_GRAD_OUT[activation](
-            dy.to(torch.float32), pre, _fresh(lib, pre.shape).as_strided(pre.shape, pre.stride())
-        )
+        assert saved.pre is not None  # kept by the forward pass whenever a gradient can be asked for
+        dy = _ACTIVATION_GRAD_OUT[activation](dy.to(torch.float32), saved.pre, _fresh_like(lib, saved.pre))
     layout = saved.layout
     xp, dyp = x.permute(layout.perm).contiguous(), dy.permute(layout.perm).to(torch.float32).contiguous()
     k, a, c, b = saved.geometry
@@ -710,18 +704,9 @@ def _native_backward(
         dyn = dyn.unsqueeze(0)
     dyn = dyn.contiguous()
     w = None if gamma is None else gamma.detach().to(xn.dtype)
-    if activation is not None and saved.pre is not None:
-        dyn = _ACTIVATION_BACKWARD[activation](dyn, saved.pre)
-    elif activation is not None:
-        per_channel = (n, c) + (1,) * (xn.dim() - 2)
-        cg = plan.group_channels
-        rstd = saved.rstd.repeat_interleave(cg, dim=1).view(per_channel)
-        mean = saved.mean.repeat_interleave(cg, dim=1).view(per_channel)
-        scale = rstd if w is None else rstd * w.view(1, c, *per_channel[2:])
-        pre = (xn - mean).mul_(scale)
-        if beta is not None:
-            pre.add_(beta.detach().to(xn.dtype).view(1, c, *per_channel[2:]))
-        dyn = dyn * _activation_grad(pre, activation)
+    if activation is not None:
+        assert saved.pre is not None  # kept by the forward pass whenever a gradient can be asked for
+        dyn = _ACTIVATION_GRAD_OUT[activation](dyn, saved.pre, torch.empty_like(saved.pre))
     mask = [needs[0], needs[1] and gamma is not None, needs[2] and beta is not None]
     dx, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
         dyn, xn, saved.mean, saved.rstd, w, n, c, hxw, plan.groups, mask
@@ -751,17 +736,10 @@ _ACTIVATION_GRAD_OUT: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tens
     "gelu": lambda dy, pre, out: torch.ops.aten.gelu_backward.grad_input(dy, pre, grad_input=out),
 }
 
-#: torch's fused activation gradients: (gradient of the output, input of the activation) -> gradient.
-_ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "relu": lambda dy, pre: torch.ops.aten.threshold_backward(dy, pre, 0),
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": torch.ops.aten.gelu_backward,
-}
-
 
 class _GroupNormFunction(torch.autograd.Function):
-    """Torch's own kernel where it is exact, else the blocked passes; higher-order gradients go through
-    :func:`composite`."""
+    """groupnorm's compiled kernel where it applies, else torch's own where it is exact, else the blocked
+    passes; higher-order gradients go through :func:`composite`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
