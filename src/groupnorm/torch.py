@@ -1,40 +1,56 @@
 """groupnorm for PyTorch: a drop-in for ``torch.nn.GroupNorm`` and ``torch.nn.functional.group_norm``.
 
-``GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)`` has ``torch.nn.GroupNorm``'s signature,
-defaults, parameters (``weight``, ``bias``), initialisation, ``repr`` and ``state_dict``, so a model swaps
-the class and keeps its checkpoints. It is exact where torch's layer is not (a group whose mean is large
-against its spread, channels-last input) and takes the whole contract through keyword arguments: any
-channel axis (``channels_axis=-1`` for NHWC), any reduction axes (statistics per frame of a video), a
-fused activation, the one-pass variance, and statistics merged across a ``process_group`` for inputs
-sharded along a reduction axis.
+:class:`GroupNorm` subclasses ``torch.nn.GroupNorm``: the same constructor, parameters (``weight``,
+``bias``), initialisation, ``repr`` and ``state_dict``, so a model swaps the class (or calls
+:func:`convert`) and keeps its checkpoints, and code that checks ``isinstance(m, torch.nn.GroupNorm)``
+still finds it. The computation is the operator ``torch.ops.groupnorm.group_norm``, registered in torch's
+dispatcher, so autograd, ``torch.func``, ``torch.jit``, ``torch.fx``, ``torch.compile``, ``torch.export``,
+meta tensors and FakeTensor treat it as one of torch's own operators.
+
+It is exact where torch's layer is not (a group whose mean is large against its spread, channels-last
+input), and takes the whole contract through keyword arguments: any channel axis (``channels_axis=-1``
+for NHWC), any reduction axes (statistics per frame of a video), a fused activation, the one-pass
+variance, and statistics merged across a ``process_group`` for inputs sharded along a reduction axis.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from groupnorm._api import plan_for
 from groupnorm._plan import make_plan, resolve_activation
+from groupnorm._torch_convert import convert
 from groupnorm.backends import torch as _backend
+from groupnorm.backends.torch import _ops
 
-__all__ = ["GroupNorm", "group_norm"]
-
-#: torch.nn.GroupNorm has a keyword-only ``bias`` flag (and shows it in its repr) from torch 2.6 on.
-_TORCH_REPR_HAS_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
+__all__ = ["GroupNorm", "convert", "group_norm"]
 
 
-def _reduction_axes(ndim: int, channels_axis: int, reduction_axes: int | Sequence[int] | None) -> Any:
-    """``None`` means every axis after the channel axis (torch's convention)."""
-    if reduction_axes is not None:
-        return reduction_axes
-    if isinstance(channels_axis, int) and not isinstance(channels_axis, bool) and -ndim <= channels_axis < ndim:
-        return tuple(range(channels_axis % ndim + 1, ndim))
-    return ()  # the plan reports the bad channel axis
+def _schema_axes(reduction_axes: int | Sequence[int] | None) -> list[int] | None:
+    """``reduction_axes`` as the operator takes them; TypeError (the plan's) for anything but ints."""
+    if reduction_axes is None:
+        return None
+    if isinstance(reduction_axes, int) and not isinstance(reduction_axes, bool):
+        return [reduction_axes]
+    if isinstance(reduction_axes, Sequence) and all(type(a) is int for a in reduction_axes):
+        return list(reduction_axes)
+    make_plan((1,), "float32", groups=1, channels_axis=0, reduction_axes=reduction_axes)  # raises TypeError
+    raise AssertionError("unreachable")
+
+
+def _check_one_value(input: torch.Tensor, num_groups: int, channels_axis: int, axes: list[int] | None) -> None:
+    """torch's check: statistics over a single value are refused (torch raises it in eval mode too)."""
+    if channels_axis == 1 and axes is None and input.dim() >= 2 and type(num_groups) is int and num_groups > 0:
+        size = [input.size(0) * input.size(1) // num_groups, num_groups, *input.shape[2:]]
+        count = size[0]
+        for d in size[2:]:
+            count *= d
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def group_norm(
@@ -46,61 +62,100 @@ def group_norm(
     *,
     channels_axis: int = 1,
     reduction_axes: int | Sequence[int] | None = None,
-    activation: Any = None,
+    activation: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
     mean_close_to_zero: bool = False,
     process_group: Any = None,
 ) -> torch.Tensor:
     """Group normalization, a drop-in for ``torch.nn.functional.group_norm``.
 
-    ``input`` has its channels on ``channels_axis`` (1 by default, as in torch); statistics are taken over
-    each group of ``num_channels // num_groups`` channels and ``reduction_axes`` (by default every axis
-    after the channel axis), separately for every index of the other axes. ``weight`` and ``bias`` are
-    optional ``[C]`` tensors. ``activation`` is ``None``, a callable, or ``"relu"``, ``"silu"`` or
-    ``"gelu"`` (fused). ``mean_close_to_zero=True`` skips the shift that makes the variance exact for
-    groups with a large mean. ``process_group``: a ``torch.distributed`` group whose ranks each hold a
-    shard of the input along a reduction axis; statistics are merged across it.
+    Args:
+        input: a floating-point tensor with its channels on ``channels_axis``.
+        num_groups: how many groups to split the channels into; must divide the channel count.
+        weight, bias: optional per-channel scale and offset, shape ``[C]``, on ``input``'s device, of its
+            dtype (or float32 for a float16/bfloat16 input).
+        eps: added to the variance (default 1e-5, as torch); must be >= 0.
+        channels_axis: the channel axis (default 1, as torch; -1 for NHWC).
+        reduction_axes: the axes the statistics run over besides the group's channels; default ``None``:
+            every axis after the channel axis (torch's convention).
+        activation: ``None``, ``"relu"``, ``"silu"`` or ``"gelu"`` (exact erf form, fused into the kernel), or
+            any callable applied to the output.
+        mean_close_to_zero: ``True`` skips the shift that keeps the variance exact for groups whose mean is
+            large against their spread (one-pass sums, as TensorFlow 1.15 did).
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard of the input along a
+            reduction axis; statistics are merged across it.
+
+    Returns:
+        A tensor of ``input``'s shape and dtype, in the memory format torch's own group norm gives it.
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 4, 4)
+        >>> y = group_norm(x, 4)                                             # as F.group_norm(x, 4)
+        >>> torch.allclose(y, torch.nn.functional.group_norm(x, 4), atol=1e-5)
+        True
+        >>> y = group_norm(x.permute(0, 2, 3, 1), 4, channels_axis=-1, reduction_axes=(1, 2))   # NHWC
     """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(  # type: ignore[no-any-return]
+            group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps,
+            channels_axis=channels_axis, reduction_axes=reduction_axes, activation=activation,
+            mean_close_to_zero=mean_close_to_zero, process_group=process_group,
+        )  # fmt: skip
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"group_norm expects a torch.Tensor input, got {type(input).__qualname__}.")
-    plan = plan_for(
-        _backend,  # type: ignore[arg-type]
-        input,
-        groups=num_groups,
-        channels_axis=channels_axis,
-        reduction_axes=_reduction_axes(input.dim(), channels_axis, reduction_axes),
-        gamma=weight,
-        beta=bias,
-        epsilon=eps,
-        mean_close_to_zero=mean_close_to_zero,
-    )
     act = resolve_activation(activation)
-    if process_group is not None:
-        from groupnorm._torch_distributed import sharded_group_norm
+    fused = act if isinstance(act, str) else None
+    axes = _schema_axes(reduction_axes)
+    _check_one_value(input, num_groups, channels_axis, axes)
+    if process_group is not None or torch.jit.is_tracing() or type(num_groups) is not int:
+        plan = _ops.plan_of(input, num_groups, weight, bias, eps, channels_axis, axes, mean_close_to_zero)
+        if process_group is not None:
+            from groupnorm.backends.torch._distributed import sharded_group_norm
 
-        return sharded_group_norm(plan, input, weight, bias, act, process_group)
-    return _backend.execute(plan, input, weight, bias, act)  # type: ignore[no-any-return]
+            return sharded_group_norm(plan, input, weight, bias, act, process_group)
+        y = _backend.run(plan, input, weight, bias, fused)
+    else:
+        y = torch.ops.groupnorm.group_norm.default(
+            input, num_groups, weight, bias, eps, channels_axis, axes, fused, mean_close_to_zero
+        )
+    return act(y) if callable(act) else y
 
 
-class GroupNorm(nn.Module):
-    """Group normalization over a mini-batch, a drop-in for ``torch.nn.GroupNorm``.
+class GroupNorm(nn.GroupNorm):
+    """Group normalization over a mini-batch, a drop-in for (and a subclass of) ``torch.nn.GroupNorm``.
 
-    Same positional signature, defaults, parameters and ``state_dict`` as ``torch.nn.GroupNorm``: with
-    ``affine=True``, ``weight`` (ones) and ``bias`` (zeros, unless ``bias=False``) of shape
-    ``[num_channels]``. The keyword-only
-    arguments take the rest of the contract; see :func:`group_norm`.
+    Args:
+        num_groups: how many groups to split the channels into; must divide ``num_channels``.
+        num_channels: the channel count ``C``.
+        eps: added to the variance (default 1e-5); must be >= 0.
+        affine: whether to learn a per-channel ``weight`` (ones) and ``bias`` (zeros), shape ``[C]``.
+        device, dtype: where and of which dtype to create the parameters.
+        bias: with ``affine``, whether to learn ``bias`` too (default True).
+        channels_axis: the channel axis of the input (default 1, as torch; -1 for NHWC).
+        reduction_axes: the axes statistics run over besides the group's channels; default ``None``: every
+            axis after the channel axis.
+        activation: ``None``, ``"relu"``, ``"silu"``, ``"gelu"`` (fused), or a callable applied after.
+        mean_close_to_zero: one-pass sums instead of the shifted, exact variance.
+        process_group: a ``torch.distributed`` group over which an input sharded along a reduction axis
+            is normalized as a whole.
 
     Example::
 
         >>> m = GroupNorm(32, 64)                                  # NCHW, like torch.nn.GroupNorm(32, 64)
         >>> m = GroupNorm(32, 64, channels_axis=-1)                # NHWC
         >>> m = GroupNorm(8, 64, reduction_axes=(-2, -1))          # (N, C, T, H, W): statistics per frame
+        >>> isinstance(m, torch.nn.GroupNorm)
+        True
     """
 
-    __constants__: ClassVar[list[str]] = ["num_groups", "num_channels", "eps", "affine"]
-    num_groups: int
-    num_channels: int
-    eps: float
-    affine: bool
+    __constants__: ClassVar[list[str]] = [
+        *nn.GroupNorm.__constants__,
+        "channels_axis",
+        "mean_close_to_zero",
+        "_activation_name",
+    ]
+    channels_axis: int
+    mean_close_to_zero: bool
 
     def __init__(
         self,
@@ -118,10 +173,10 @@ class GroupNorm(nn.Module):
         mean_close_to_zero: bool = False,
         process_group: Any = None,
     ) -> None:
-        super().__init__()
-        # Validate what can be validated without an input, with the contract's own errors.
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        # what torch does not check, with the contract's own errors
         make_plan(
-            (num_channels,) if isinstance(num_channels, int) else None,
+            (num_channels,),
             "float32",
             groups=num_groups,
             channels_axis=0,
@@ -129,34 +184,25 @@ class GroupNorm(nn.Module):
             epsilon=eps,
             mean_close_to_zero=mean_close_to_zero,
         )
-        self.activation = resolve_activation(activation)
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
         self.channels_axis = channels_axis
         self.reduction_axes = reduction_axes
+        # (TorchScript infers these attributes' types from their values)
+        self._reduction_axes: list[int] | None = _schema_axes(reduction_axes)
+        self.activation = resolve_activation(activation)
+        self._activation_name: str | None = self.activation if isinstance(self.activation, str) else None
         self.mean_close_to_zero = mean_close_to_zero
         self.process_group = process_group
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.groupnorm.group_norm(
+                input, self.num_groups, self.weight, self.bias, self.eps, self.channels_axis,
+                self._reduction_axes, self._activation_name, self.mean_close_to_zero,
+            )  # fmt: skip
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return group_norm(
             input,
             self.num_groups,
@@ -164,16 +210,14 @@ class GroupNorm(nn.Module):
             self.bias,
             self.eps,
             channels_axis=self.channels_axis,
-            reduction_axes=self.reduction_axes,
+            reduction_axes=self._reduction_axes,
             activation=self.activation,
             mean_close_to_zero=self.mean_close_to_zero,
             process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
-        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
-        if _TORCH_REPR_HAS_BIAS:
-            text += f", bias={self.bias is not None}"
+        text = super().extra_repr()
         if self.channels_axis != 1:
             text += f", channels_axis={self.channels_axis}"
         if self.reduction_axes is not None:

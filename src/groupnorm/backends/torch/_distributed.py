@@ -17,9 +17,17 @@ import torch
 import torch.distributed as dist
 
 from groupnorm._plan import Activation, Plan
-from groupnorm.backends.torch import _activate, _activation_grad, _corner, _work_dtype
+from groupnorm.backends.torch._composite import ACTIVATION, ACTIVATION_GRAD, SHIFT_SPAN
+from groupnorm.backends.torch._composite import work_dtype as _work_dtype
 
 __all__ = ["sharded_group_norm"]
+
+
+def _corner(z: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """This rank's leading corner of every group (a shift for its slice: any value near the mean will do)."""
+    for d in dims:
+        z = z.narrow(d, 0, min(SHIFT_SPAN, int(z.shape[d])))
+    return z
 
 
 def _merge(stats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +81,7 @@ class _ShardedGroupNorm(torch.autograd.Function):
         pre = xhat if g is None else xhat * g
         if b is not None:
             pre = pre + b
-        y = pre if activation is None else _activate(pre, activation)
+        y = pre if activation is None else ACTIVATION[activation](pre)
         ctx.save_for_backward(x, gamma, beta)
         ctx.plan, ctx.activation, ctx.group = plan, activation, group
         ctx.shift, ctx.centre, ctx.rstd, ctx.count = shift, centre, rstd, count.to(work)
@@ -93,7 +101,7 @@ class _ShardedGroupNorm(torch.autograd.Function):
             pre = xhat if g is None else xhat * g
             if beta is not None:
                 pre = pre + beta.to(work).reshape(plan.param_shape)
-            d = d * _activation_grad(pre, ctx.activation)
+            d = d * ACTIVATION_GRAD[ctx.activation](pre)
         channel_axes = (plan.channels_axis, plan.channels_axis + 1)
         others = tuple(a for a in range(len(split)) if a not in channel_axes)
         dbeta = None if beta is None else d.sum(dim=others).reshape(-1).to(beta.dtype)

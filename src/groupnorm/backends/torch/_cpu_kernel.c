@@ -4,8 +4,8 @@
    consecutive channels, and statistics over each group's (A, channels, B) block. NHWC and channels-last
    NCHW input is (N, H*W, C, 1); contiguous NCHW is (N, 1, C, H*W).
 
-   Numerics are the project's: every group is shifted by the mean of its leading corner (up to 8 x 8
-   elements per channel), so that x - shift is exact for values near the mean, and the sums of
+   Numerics are the project's (see _composite.py): every group is shifted by the mean of its leading corner
+   (its first 8 reduced positions, every channel of the group), so that x - shift is exact for values near the mean, and the sums of
    (x - shift) and its square accumulate in float64 (where channels are innermost, from float32 sums of
    eight rows; a task whose float32 squares overflow is summed again in float64). The output is
    (x - shift) * scale + offset.
@@ -228,17 +228,20 @@ void groupnorm_prefer_huge_pages(void *buffer, i64 bytes) {
 #endif
 }
 
-/* Per (k, channel): the group's shift, the mean of the group's leading corner. */
+/* Per (k, channel): the group's shift, the mean over the group's channels of its first min(CORNER, A * B)
+   reduced positions (row-major over (A, B), the flattened reduction axes). A corner that is not finite
+   gives the shift 0. */
 static void corner_shift(const split *s, const float *x, float *shift) {
     const i64 A = s->A, C = s->C, B = s->B, cg = s->cg;
-    const i64 na = A < CORNER ? A : CORNER, nb = B < CORNER ? B : CORNER;
+    const i64 span = A * B < CORNER ? A * B : CORNER;
     for (i64 k = 0; k < s->K; k++) {
         for (i64 g = 0; g < s->G; g++) {
             double sum = 0.0;
-            for (i64 a = 0; a < na; a++)
-                for (i64 c = g * cg; c < (g + 1) * cg; c++)
-                    for (i64 b = 0; b < nb; b++) sum += x[((k * A + a) * C + c) * B + b];
-            float mean = (float)(sum / (double)(na * cg * nb));
+            for (i64 p = 0; p < span; p++) {
+                const i64 a = p / B, b = p % B;
+                for (i64 c = g * cg; c < (g + 1) * cg; c++) sum += x[((k * A + a) * C + c) * B + b];
+            }
+            float mean = span ? (float)(sum / (double)(span * cg)) : 0.0f;
             if (!isfinite(mean)) mean = 0.0f;
             for (i64 c = g * cg; c < (g + 1) * cg; c++) shift[k * C + c] = mean;
         }

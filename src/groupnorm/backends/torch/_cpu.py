@@ -1,0 +1,167 @@
+"""The compiled CPU kernel (``_cpu_kernel.c``) for float32 tensors, called through :mod:`ctypes`.
+
+The kernel sees a tensor in memory order as ``(K, A, C, B)``: ``K`` kept rows, ``A`` reduced positions
+outside the channels, ``C`` channels, ``B`` reduced positions inside them. NCHW is ``(N, 1, C, H*W)``,
+channels-last and NHWC are ``(N, H*W, C, 1)``. Layouts that are not of this form (a kept axis between
+reduced ones, say) return None here, and the operator runs the composite instead.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from groupnorm._plan import Plan
+from groupnorm.backends.torch import _build
+from groupnorm.backends.torch import _composite
+
+__all__ = ["backward", "forward", "geometry"]
+
+#: whether the kernel may ask Linux to back its large outputs with transparent huge pages (one page fault
+#: per 2 MiB instead of per 4 KiB when the output is first written; ``GROUPNORM_HUGE_PAGES=0`` turns it off).
+HUGE_PAGES = os.environ.get("GROUPNORM_HUGE_PAGES", "1") != "0"
+
+
+@lru_cache(maxsize=1024)
+def _geometry(plan: Plan, shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    order = sorted(range(len(shape)), key=lambda a: (-strides[a], a))
+    # axes of size 1 move no memory; the rest must be dense in that order
+    expected = 1
+    for a in reversed(order):
+        if shape[a] != 1 and strides[a] != expected:
+            return None
+        expected *= shape[a] if shape[a] != 1 else 1
+    reduced = set(plan.reduction_axes)
+    runs: list[list[Any]] = []
+    for a in order:
+        if shape[a] == 1 and a != plan.channels_axis:
+            continue
+        cls = "c" if a == plan.channels_axis else "r" if a in reduced else "k"
+        if runs and runs[-1][0] == cls:
+            runs[-1][1] *= shape[a]
+        else:
+            runs.append([cls, shape[a]])
+    k = runs.pop(0)[1] if runs and runs[0][0] == "k" else 1
+    a_ = runs.pop(0)[1] if runs and runs[0][0] == "r" else 1
+    if not runs or runs[0][0] != "c" or [cls for cls, _ in runs[1:]] not in ([], ["r"]):
+        return None
+    return k, a_, runs[0][1], runs[1][1] if len(runs) > 1 else 1
+
+
+def geometry(plan: Plan, x: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``x``'s ``(K, A, C, B)`` where the kernel can run it: float32, on the CPU, built, a fitting layout."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return None
+    return _geometry(plan, tuple(x.shape), tuple(x.stride()))
+
+
+def _fresh(lib: Any, like: torch.Tensor) -> torch.Tensor:
+    """A new tensor with ``like``'s strides, backed by huge pages where :data:`HUGE_PAGES` allows."""
+    t = torch.empty_like(like)
+    if HUGE_PAGES:
+        lib.groupnorm_prefer_huge_pages(t.data_ptr(), t.numel() * 4)
+    return t
+
+
+def _param(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def forward(
+    plan: Plan,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    keep_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(out, pre, shift, mean, rstd)``, or None where the kernel does not apply. ``out`` has ``x``'s
+    strides; ``pre`` (the output before the activation) is empty unless ``keep_pre`` and an activation."""
+    geo = geometry(plan, x)
+    lib = None if geo is None else _build.load()
+    if lib is None or geo is None:
+        return None
+    k, a, c, b = geo
+    w, bb = _param(weight), _param(bias)
+    out = _fresh(lib, x)
+    stats = torch.empty(3, k, plan.groups)
+    shift, mean, rstd = stats[0], stats[1], stats[2]
+    status = lib.groupnorm_forward_f32(
+        x.data_ptr(), out.data_ptr(), k, a, c, b, plan.groups, _ptr(w), _ptr(bb), plan.epsilon,
+        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+    pre = out.new_empty(0)
+    if activation is not None:
+        if keep_pre:
+            pre, out = out, _ACTIVATION_OUT[activation](out, _fresh(lib, out))
+        else:
+            _ACTIVATION_OUT[activation](out, out)
+    return out, pre, shift, mean, rstd
+
+
+def backward(
+    plan: Plan,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    pre: torch.Tensor,
+    shift: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: str | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """The gradients, or None where the kernel does not apply (then neither did it in the forward pass)."""
+    geo = geometry(plan, x)
+    lib = None if geo is None else _build.load()
+    if lib is None or geo is None:
+        return None
+    k, a, c, b = geo
+    if dy.stride() != x.stride() or dy.dtype != torch.float32:
+        dy = torch.empty_like(x).copy_(dy)  # the kernel reads dy in x's memory order
+    if activation is not None:
+        if pre.numel() == 0:  # not kept: recomputed from the statistics
+            pre = _composite.apply(plan, x, weight, bias, shift, mean, rstd, None)[0]
+        dy = _ACTIVATION_GRAD_OUT[activation](dy, pre, _fresh(lib, x))
+    w = _param(weight)
+    dx = _fresh(lib, x) if needs[0] else None
+    dweight = torch.empty(c) if needs[1] and weight is not None else None
+    dbias = torch.empty(c) if needs[2] and bias is not None else None
+    status = lib.groupnorm_backward_f32(
+        x.data_ptr(), dy.data_ptr(), _ptr(dx), k, a, c, b, plan.groups, _ptr(w),
+        shift.contiguous().data_ptr(), mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
+        _ptr(dweight), _ptr(dbias), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+    return (
+        dx,
+        None if dweight is None or weight is None else dweight.to(weight.dtype),
+        None if dbias is None or bias is None else dbias.to(bias.dtype),
+    )
+
+
+#: torch's activations written into a given tensor: (input, out) -> out.
+_ACTIVATION_OUT = {
+    "relu": lambda pre, out: torch.clamp_min(pre, 0, out=out),
+    "silu": lambda pre, out: torch.ops.aten.silu.out(pre, out=out),
+    "gelu": lambda pre, out: torch.ops.aten.gelu.out(pre, out=out),
+}
+
+#: torch's fused activation gradients into a given tensor: (gradient of the output, input, out) -> out.
+_ACTIVATION_GRAD_OUT = {
+    "relu": lambda dy, pre, out: torch.ops.aten.threshold_backward.grad_input(dy, pre, 0, grad_input=out),
+    "silu": lambda dy, pre, out: torch.ops.aten.silu_backward.grad_input(dy, pre, grad_input=out),
+    "gelu": lambda dy, pre, out: torch.ops.aten.gelu_backward.grad_input(dy, pre, grad_input=out),
+}
