@@ -26,15 +26,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).numpy()
 
 
-@pytest.fixture(params=["native", "blocked", "block-1", "block-37"])
+@pytest.fixture(params=["operator", "composite"])
 def block_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every path: the compiled kernel or torch's where they apply, the blocked path with its default block
-    size, and with tiny blocks so that every block boundary is crossed."""
-    if request.param != "native":
-        monkeypatch.setattr(backend, "NATIVE", False)
-        monkeypatch.setattr(backend, "KERNEL", False)
-    if request.param.startswith("block-"):
-        monkeypatch.setattr(backend, "BLOCK_ELEMENTS", int(request.param.removeprefix("block-")))
+    """Both paths: the operator (its compiled kernels where they apply) and the composite."""
+    if request.param != "operator":
+        monkeypatch.setattr(backend, "KERNELS", False)
 
 
 # ---------------------------------------------------------------------------------------------- values

@@ -35,7 +35,7 @@ def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("mean_over_std", [0.0, 1e2, 1e4])
 def test_float32_is_exact_on_every_layout(mean_over_std: float, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backend, "KERNEL", kernel)
+    monkeypatch.setattr(backend, "KERNELS", kernel)
     x = hard_data((2, 16, 6, 10), 1, mean_over_std, dtype=np.float32)
     rng = np.random.default_rng(1)
     gamma = (1 + 0.5 * rng.standard_normal(16)).astype(np.float32)
@@ -62,7 +62,7 @@ def test_float32_is_exact_for_nhwc_and_video() -> None:
 def test_torch_native_kernel_is_only_used_where_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's own kernel loses digits at a large mean; the backend notices and takes the exact path.
     (Where groupnorm's compiled kernel is available it runs first; without it, torch's is tried.)"""
-    monkeypatch.setattr(backend, "KERNEL", False)
+    monkeypatch.setattr(backend, "KERNELS", False)
     torch.manual_seed(0)
     x = (1e4 + torch.randn(2, 16, 8, 8, dtype=torch.float64)).float()  # every group: mean 1e4 x std
     want = reference_group_norm(x.numpy(), 4, 1, (2, 3), epsilon=1e-5)
@@ -142,13 +142,11 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("path", ["native", "blocked"])
+@pytest.mark.parametrize("path", ["operator", "composite"])
 @pytest.mark.parametrize("name", SMALL)
 def test_gradcheck_and_gradgradcheck(name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if path == "blocked":
-        monkeypatch.setattr(backend, "NATIVE", False)
-        monkeypatch.setattr(backend, "KERNEL", False)
-        monkeypatch.setattr(backend, "BLOCK_ELEMENTS", 8)
+    if path == "composite":
+        monkeypatch.setattr(backend, "KERNELS", False)
     cfg = SMALL[name]
     a = cfg.arrays(mean_over_std=3.0)
     x = torch.from_numpy(a["x"]).requires_grad_()
@@ -265,15 +263,14 @@ def test_no_grad_forward_allocates_only_its_output(name: str, make: object, kwar
     assert allocated - output < x.numel() * x.element_size() / 4, (name, allocated, output)
 
 
-@pytest.mark.parametrize("path", ["kernel", "native", "blocked"])
+@pytest.mark.parametrize("path", ["operator", "composite"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("scale", [3e19, 1e30])
 def test_float32_beyond_the_range_of_its_squares(
     scale: float, memory_format: torch.memory_format, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Squares of float32 values beyond about 1.8e19 overflow float32; the result still exists."""
-    monkeypatch.setattr(backend, "KERNEL", path == "kernel")
-    monkeypatch.setattr(backend, "NATIVE", path != "blocked")
+    monkeypatch.setattr(backend, "KERNELS", path == "operator")
     x = (scale * hard_data((2, 16, 6, 5), 1, 0.0, dtype=np.float64)).astype(np.float32)
     dy = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
     xt = torch.from_numpy(x).contiguous(memory_format=memory_format).requires_grad_()

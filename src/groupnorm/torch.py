@@ -107,7 +107,7 @@ def group_norm(
     fused = act if isinstance(act, str) else None
     axes = _schema_axes(reduction_axes)
     _check_one_value(input, num_groups, channels_axis, axes)
-    if process_group is not None or torch.jit.is_tracing() or type(num_groups) is not int:
+    if process_group is not None or torch.jit.is_tracing() or type(num_groups) is not int or not _backend.KERNELS:
         plan = _ops.plan_of(input, num_groups, weight, bias, eps, channels_axis, axes, mean_close_to_zero)
         if process_group is not None:
             from groupnorm.backends.torch._distributed import sharded_group_norm
@@ -173,17 +173,23 @@ class GroupNorm(nn.GroupNorm):
         mean_close_to_zero: bool = False,
         process_group: Any = None,
     ) -> None:
+        try:
+            make_plan(
+                (num_channels,) if type(num_channels) is int and num_channels >= 0 else None,
+                "float32",
+                groups=num_groups,
+                channels_axis=0,
+                reduction_axes=(),
+                epsilon=eps,
+                mean_close_to_zero=mean_close_to_zero,
+            )
+        except ValueError as e:  # the contract's phrase, after torch's where torch raises too
+            if num_groups == 0:
+                raise _ops.GroupNormZeroGroups(f"integer modulo by zero: {e}") from None
+            if isinstance(num_channels, int) and isinstance(num_groups, int) and num_channels % num_groups:
+                raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}). {e}")
+            raise
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        # what torch does not check, with the contract's own errors
-        make_plan(
-            (num_channels,),
-            "float32",
-            groups=num_groups,
-            channels_axis=0,
-            reduction_axes=(),
-            epsilon=eps,
-            mean_close_to_zero=mean_close_to_zero,
-        )
         self.channels_axis = channels_axis
         self.reduction_axes = reduction_axes
         # (TorchScript infers these attributes' types from their values)

@@ -72,8 +72,9 @@ def rows(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``(K, G, C // G, R)``: kept axes, groups, channels of a group, the flattened reduced axes
     (a view where the layout allows, else a copy)."""
     order = (*plan.kept_axes, plan.channels_axis, *plan.reduction_axes)
-    k = math.prod(int(x.shape[a]) for a in plan.kept_axes)
-    r = math.prod(int(x.shape[a]) for a in plan.reduction_axes)
+    # (sizes stay as the input gives them, symbolic under torch.compile: no int() guards on them)
+    k = math.prod(x.shape[a] for a in plan.kept_axes)
+    r = math.prod(x.shape[a] for a in plan.reduction_axes)
     return x.permute(order).reshape(k, plan.groups, plan.group_channels, r)
 
 
@@ -81,7 +82,7 @@ def _from_rows(plan: Plan, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The inverse of :func:`rows`: a ``(K, G, C // G, R)`` tensor back in the input's axis order."""
     order = (*plan.kept_axes, plan.channels_axis, *plan.reduction_axes)
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    return t.reshape([int(shape[a]) for a in order]).permute(inverse)
+    return t.reshape([shape[a] for a in order]).permute(inverse)
 
 
 def statistics(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,18 +93,18 @@ def statistics(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     work = work_dtype(x.dtype)
     xr = rows(plan, x).to(work)
     k, g = xr.shape[0], xr.shape[1]
-    if plan.mean_close_to_zero or xr.shape[-1] == 0:
+    empty = plan.group_size == 0  # (the plan's sizes: a Python branch without a guard)
+    if plan.mean_close_to_zero or empty:
         shift = torch.zeros(k, g, dtype=work, device=x.device)
     else:
-        span = min(SHIFT_SPAN, int(xr.shape[-1]))
-        shift = xr[..., :span].mean(dim=(2, 3)).detach()
+        shift = xr[..., :SHIFT_SPAN].mean(dim=(2, 3)).detach()
         # a non-finite corner (an infinity there) gives no usable shift; zero keeps other values exact
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     z = xr - shift[..., None, None]
     if work == torch.float32 and x.dtype == torch.float32:
         # an exact power of two that brings the group's largest deviation to about 1 (never above 1, so
         # small values keep their epsilon): squares of the scaled values cannot overflow
-        top = z.detach().abs().amax(dim=(2, 3)) if z.numel() else torch.zeros_like(shift)
+        top = torch.zeros_like(shift) if empty else z.detach().abs().amax(dim=(2, 3))
         top = torch.where(torch.isfinite(top) & (top > 1), top, torch.ones_like(top))
         scale = torch.exp2(-torch.floor(torch.log2(top)))
     else:

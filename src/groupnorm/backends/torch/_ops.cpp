@@ -341,8 +341,10 @@ struct Forward : public torch::autograd::Function<Forward> {
         const bool mean_close_to_zero = ctx->saved_data["mean_close_to_zero"].toBool();
         const std::string act = ctx->saved_data["activation"].toStringRef();
         OptStr activation = act.empty() ? OptStr() : OptStr(act);
-        std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1) && weight.has_value(),
-                                    ctx->needs_input_grad(2) && bias.has_value()};
+        // (autograd numbers only the tensors given: an absent weight moves the bias's index down)
+        const size_t bias_edge = weight.has_value() ? 2 : 1;
+        std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.has_value() && ctx->needs_input_grad(1),
+                                    bias.has_value() && ctx->needs_input_grad(bias_edge)};
         Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(input);
         Tensor dx, dw, db;
         if (c10::GradMode::is_enabled()) {  // create_graph: a gradient autograd can differentiate again
@@ -355,7 +357,7 @@ struct Forward : public torch::autograd::Function<Forward> {
                                                     groups, channels_axis, axes, eps, mean_close_to_zero, activation,
                                                     mask);
         }
-        auto pick = [](bool need, const Tensor &t) { return need && t.numel() ? t : Tensor(); };
+        auto pick = [](bool need, const Tensor &t) { return need ? t : Tensor(); };
         return {pick(mask[0], dx), pick(mask[1], dw), pick(mask[2], db), Tensor(), Tensor(), Tensor(), Tensor(),
                 Tensor(), Tensor(), Tensor()};
     }

@@ -119,9 +119,22 @@ _PLANS: dict[tuple[Any, ...], Plan] = {}
 
 
 def _dims(shape: Sequence[Any]) -> tuple[int | None, ...]:
-    """A static shape for the plan: symbolic sizes are dynamic (None); sizes that ``torch.jit.trace``
-    records as tensors are read as ints."""
-    return tuple(d if isinstance(d, int) else int(d) if isinstance(d, torch.Tensor) else None for d in shape)
+    """A static shape for the plan. A symbolic size (``torch.compile``, ``torch.export``) is validated at
+    the value it was traced with, without a guard: torch's kernels take any size there, and so do
+    groupnorm's. Sizes that ``torch.jit.trace`` records as tensors are read as ints."""
+    return tuple(_dim(d) for d in shape)
+
+
+def _dim(d: Any) -> int | None:
+    if isinstance(d, int):
+        return d
+    if isinstance(d, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(d, fallback=1))
+    if isinstance(d, torch.Tensor):
+        return int(d)
+    return None
 
 
 def plan_of(
@@ -228,7 +241,8 @@ def _group_norm(
     plan = plan_of(input, num_groups, weight, bias, eps, channels_axis, reduction_axes, mean_close_to_zero)
     act = _activation(activation)
     _check_params(input, weight, bias)
-    if _transformed(input, weight, bias):
+    if _transformed(input, weight, bias) or torch.compiler.is_exporting():
+        # torch.export (and the ONNX exporter on it) records plain torch operations: any runtime runs them
         return _composite.composite(plan, input, weight, bias, act)
     keep_pre = act is not None and _requires_grad(input, weight, bias)
     axes = list(plan.reduction_axes)
@@ -435,7 +449,7 @@ class _Forward(torch.autograd.Function):
                 dy, input, weight, bias, pre, shift, mean, rstd, num_groups, channels_axis, axes, eps,
                 mean_close_to_zero, activation, list(needs),
             )  # fmt: skip
-        return (*(g if need and g.numel() else None for g, need in zip(grads, needs, strict=True)), *rest)
+        return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *rest)
 
 
 def _forward_autograd(input: torch.Tensor, weight: Any, bias: Any, *args: Any) -> Any:
