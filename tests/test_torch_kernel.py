@@ -1,7 +1,12 @@
-"""The compiled CPU kernel of the torch backend: float32 values and gradients against float64, its
-layouts, its independence of the thread count, and the exact fallback where it cannot be built."""
+"""The compiled CPU code of the torch backend (the C++ operators and the C kernel): float32 values and
+gradients against float64, its layouts, its independence of the thread count, the build cache, and the
+exact fallback where it cannot be built."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,25 +14,26 @@ import torch
 
 import groupnorm.numpy
 import groupnorm.torch as gt
-from groupnorm.backends import _cpu_kernel
 from groupnorm.backends import torch as backend
+from groupnorm.backends.torch import _build, _composite, _cpu, _ops
 from support import hard_data, reference_group_norm
 
 
 def test_kernel_builds_here() -> None:
-    """CI has a C compiler: a kernel that silently fell back would leave the fast path untested."""
-    assert _cpu_kernel.load() is not None
+    """CI has C and C++ compilers: code that silently fell back would leave the fast path untested."""
+    assert _ops.CPP, "the C++ operators did not load"
+    assert _build.load() is not None
 
 
 @pytest.fixture
 def kernel_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float32 call must run the kernel: torch's own kernel off, the blocked path refused."""
+    """Every float32 call must run the compiled kernel: the composite's forward and backward refuse."""
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the blocked path ran where the kernel should have")
+        raise AssertionError("the composite ran where the kernel should have")
 
-    monkeypatch.setattr(backend, "NATIVE", False)
-    monkeypatch.setattr(backend, "blocked_forward", refuse)
+    monkeypatch.setattr(_composite, "statistics", refuse)
+    monkeypatch.setattr(_composite, "backward", refuse)
 
 
 def _silu(y: np.ndarray) -> np.ndarray:
@@ -113,41 +119,112 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
     assert torch.equal(results[0], results[1])
 
 
-def test_kernel_and_blocked_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_and_composite_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.from_numpy(hard_data((2, 32, 12, 10), 1, 1e3, dtype=np.float32))
     x = x.contiguous(memory_format=torch.channels_last)
     w = torch.linspace(0.5, 2, 32)
     fast = gt.group_norm(x, 8, w)
-    monkeypatch.setattr(backend, "KERNEL", False)
+    monkeypatch.setattr(backend, "KERNELS", False)
     exact = gt.group_norm(x, 8, w)
     torch.testing.assert_close(fast, exact, atol=2e-6, rtol=0)
 
 
-def test_builds_into_the_cache_directory(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache directory, and no library loaded yet in this process's bookkeeping."""
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    lib, why = _cpu_kernel._load()
-    assert lib is not None, why
-    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # type: ignore[attr-defined]
+    monkeypatch.setattr(_build, "_loaded", {})
+    return tmp_path
+
+
+def test_builds_into_the_cache_directory(fresh_cache: Path) -> None:
+    _build._kernel()
+    names = sorted(p.name for p in fresh_cache.iterdir())
+    assert [n.rsplit(".", 1)[-1] for n in names if not n.endswith(".lock")] == ["so", "sha256"]
+    assert not [n for n in names if ".tmp" in n]  # no temporary file outlives its build
+
+
+def _kernel_path() -> Path:
+    """The C kernel's cached library, built where needed, without loading it (a library that is loaded
+    must not be overwritten in place by the test itself)."""
+    cc = _build._compiler("c")
+    assert cc is not None
+    return _build._cached("cpu_kernel", _build._base_key(cc), lambda out: _build._compile_kernel(cc, out, shared=True))
+
+
+def test_a_damaged_library_is_never_loaded_and_is_rebuilt_once(fresh_cache: Path) -> None:
+    lib = _kernel_path()
+    good = lib.read_bytes()
+    lib.write_bytes(good[: len(good) // 3])  # truncated: loading it would crash the process
+    assert not _build._valid(lib)
+    assert _kernel_path() == lib and _build._valid(lib)  # rebuilt (atomically)
+    lib.write_bytes(b"\x7fELF not a library")  # a foreign file under the library's name
+    assert not _build._valid(lib)
+    assert _kernel_path() == lib and _build._valid(lib)
+    _build._kernel()  # and the rebuilt library loads
+
+
+def test_a_failed_build_is_remembered(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing(command: list[str]) -> str:
+        calls.append(command)
+        return "simulated compiler error"
+
+    monkeypatch.setattr(_build, "_run", failing)
+    with pytest.raises(_build.BuildError, match="simulated compiler error"):
+        _build._kernel()
+    tried = len(calls)
+    with pytest.raises(_build.BuildError, match="an earlier build failed"):
+        _build._kernel()
+    assert len(calls) == tried  # not built again
+    assert not [p for p in fresh_cache.iterdir() if ".tmp" in p.name]
+
+
+def test_the_cache_directory_is_resolved_sanely(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", "~/somewhere")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _build.cache_dir() == tmp_path / "somewhere"
+    monkeypatch.delenv("GROUPNORM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG specification says
+    assert _build.cache_dir() == tmp_path / ".cache" / "groupnorm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _build.cache_dir() == tmp_path / "xdg" / "groupnorm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # no home directory to be found
+    directory = _build.cache_dir()
+    assert directory.is_absolute() and directory.parent == Path(tempfile.gettempdir())
+
+
+def test_an_unusable_cache_directory_is_named_as_such(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(blocker / "sub"))
+    with pytest.raises(_build.BuildError, match="cache directory"):
+        _build._kernel()
 
 
 def test_without_a_compiler_the_exact_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", "/nonexistent/never-built")
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(_cpu_kernel, "_loaded", [])
+    monkeypatch.setattr(_build, "_loaded", {})
     with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert _cpu_kernel.load() is None
-    assert _cpu_kernel.load() is None  # decided once, warned once
+        assert _build.load() is None
+    assert _build.load() is None  # decided once, warned once
     x = hard_data((2, 16, 6, 10), 1, 1e4, dtype=np.float32)
-    y = gt.group_norm(torch.from_numpy(x).contiguous(memory_format=torch.channels_last), 4)
-    assert np.abs(y.double().numpy() - reference_group_norm(x, 4, 1, (2, 3), epsilon=1e-5)).max() <= 1e-5
+    xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+    out, *_ = torch.ops.groupnorm._forward_python(xt, None, None, 4, 1, [2, 3], 1e-5, False, None, False)
+    assert np.abs(out.double().numpy() - reference_group_norm(x, 4, 1, (2, 3), epsilon=1e-5)).max() <= 1e-5
 
 
 def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GROUPNORM_CPU_KERNEL", "0")
-    lib, why = _cpu_kernel._load()
-    assert lib is None
-    assert "GROUPNORM_CPU_KERNEL=0" in why
+    with pytest.raises(_build.BuildError, match="GROUPNORM_CPU_KERNEL=0"):
+        _build._kernel()
+    with pytest.raises(_build.BuildError, match="GROUPNORM_CPU_KERNEL=0"):
+        _build._ops()
 
 
 @pytest.mark.usefixtures("kernel_only")
@@ -156,7 +233,7 @@ def test_huge_page_hint_changes_nothing_but_speed(monkeypatch: pytest.MonkeyPatc
     dy = torch.randn(x.shape)
     results = []
     for hint in (True, False):
-        monkeypatch.setattr(backend, "HUGE_PAGES", hint)
+        monkeypatch.setattr(_cpu, "HUGE_PAGES", hint)
         x.grad = None
         y = gt.group_norm(x, 16)
         y.backward(dy)

@@ -9,6 +9,7 @@ reduced ones, say) return None here, and the operator runs the composite instead
 from __future__ import annotations
 
 import os
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -51,11 +52,39 @@ def _geometry(plan: Plan, shape: tuple[int, ...], strides: tuple[int, ...]) -> t
     return k, a_, runs[0][1], runs[1][1] if len(runs) > 1 else 1
 
 
+#: half-precision inputs are widened to float32 exactly, in rows of at most this many elements, in scratch
+#: buffers kept per thread between calls (so that a call allocates its output alone)
+WIDEN_ELEMENTS = 1 << 22
+
+_HALF = (torch.float16, torch.bfloat16)
+_SCRATCH = threading.local()
+
+
 def geometry(plan: Plan, x: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """``x``'s ``(K, A, C, B)`` where the kernel can run it: float32, on the CPU, built, a fitting layout."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+    """``x``'s ``(K, A, C, B)`` where the kernel can run it: float32 (or half precision, widened), on the
+    CPU, a fitting layout."""
+    if x.dtype not in (torch.float32, *_HALF) or x.device.type != "cpu" or x.numel() == 0:
         return None
     return _geometry(plan, tuple(x.shape), tuple(x.stride()))
+
+
+def _scratch(slot: int, size: int) -> torch.Tensor:
+    """A float32 buffer of ``size`` elements: kept per thread up to :data:`WIDEN_ELEMENTS`, else new."""
+    if size > WIDEN_ELEMENTS:
+        return torch.empty(size)
+    buffers: dict[int, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.numel() < size:
+        buf = buffers[slot] = torch.empty(size)
+    return buf[:size]
+
+
+def _row_chunks(geo: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """Ranges of kept rows, each of at most :data:`WIDEN_ELEMENTS` elements where a row allows."""
+    k, a, c, b = geo
+    per_row = a * c * b
+    step = max(1, WIDEN_ELEMENTS // per_row)
+    return [(k0, min(k, k0 + step)) for k0 in range(0, k, step)]
 
 
 def _fresh(lib: Any, like: torch.Tensor) -> torch.Tensor:
@@ -90,16 +119,11 @@ def forward(
         return None
     k, a, c, b = geo
     w, bb = _param(weight), _param(bias)
+    shift, mean, rstd = (torch.empty(k, plan.groups) for _ in range(3))
+    if x.dtype in _HALF:
+        return _half_forward(plan, lib, x, geo, w, bb, activation, keep_pre, shift, mean, rstd)
     out = _fresh(lib, x)
-    stats = torch.empty(3, k, plan.groups)
-    shift, mean, rstd = stats[0], stats[1], stats[2]
-    status = lib.groupnorm_forward_f32(
-        x.data_ptr(), out.data_ptr(), k, a, c, b, plan.groups, _ptr(w), _ptr(bb), plan.epsilon,
-        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+    _run_forward(plan, lib, x, out, geo, w, bb, shift, mean, rstd)
     pre = out.new_empty(0)
     if activation is not None:
         if keep_pre:
@@ -107,6 +131,70 @@ def forward(
         else:
             _ACTIVATION_OUT[activation](out, out)
     return out, pre, shift, mean, rstd
+
+
+def _threads(numel: int) -> int:
+    """One thread below the size where starting a parallel region costs more than it saves."""
+    return 1 if numel < (1 << 16) else torch.get_num_threads()
+
+
+def _run_forward(
+    plan: Plan,
+    lib: Any,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    geo: tuple[int, int, int, int],
+    w: torch.Tensor | None,
+    bb: torch.Tensor | None,
+    shift: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> None:
+    k, a, c, b = geo
+    status = lib.groupnorm_forward_f32(
+        x.data_ptr(), out.data_ptr(), k, a, c, b, plan.groups, _ptr(w), _ptr(bb), plan.epsilon,
+        int(not plan.mean_close_to_zero), shift.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        _threads(x.numel()),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")
+
+
+def _half_forward(
+    plan: Plan,
+    lib: Any,
+    x: torch.Tensor,
+    geo: tuple[int, int, int, int],
+    w: torch.Tensor | None,
+    bb: torch.Tensor | None,
+    activation: str | None,
+    keep_pre: bool,
+    shift: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float16/bfloat16 input, widened to float32 (exactly) row by row; the output rounded once."""
+    out = torch.empty_like(x)
+    pre = torch.empty_like(x) if keep_pre and activation is not None else x.new_empty(0)
+    _, a, c, b = geo
+    per_row = a * c * b
+    flat_x, flat_out, flat_pre = _flat(x), _flat(out), _flat(pre) if pre.numel() else None
+    for k0, k1 in _row_chunks(geo):
+        span = slice(k0 * per_row, k1 * per_row)
+        xs = _scratch(0, (k1 - k0) * per_row).copy_(flat_x[span])
+        ys = _scratch(1, xs.numel())
+        _run_forward(plan, lib, xs, ys, (k1 - k0, a, c, b), w, bb, shift[k0:k1], mean[k0:k1], rstd[k0:k1])
+        if activation is not None:
+            if flat_pre is not None:
+                flat_pre[span].copy_(ys)
+            _ACTIVATION_OUT[activation](ys, ys)
+        flat_out[span].copy_(ys)
+    return out, pre, shift, mean, rstd
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements in memory order (a view)."""
+    return t.as_strided((t.numel(),), (1,))
 
 
 def backward(
@@ -123,7 +211,7 @@ def backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
     """The gradients, or None where the kernel does not apply (then neither did it in the forward pass)."""
-    geo = geometry(plan, x)
+    geo = geometry(plan, x) if x.dtype == torch.float32 else None  # (half precision: the composite)
     lib = None if geo is None else _build.load()
     if lib is None or geo is None:
         return None
@@ -141,7 +229,7 @@ def backward(
     status = lib.groupnorm_backward_f32(
         x.data_ptr(), dy.data_ptr(), _ptr(dx), k, a, c, b, plan.groups, _ptr(w),
         shift.contiguous().data_ptr(), mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
-        _ptr(dweight), _ptr(dbias), torch.get_num_threads(),
+        _ptr(dweight), _ptr(dbias), _threads(x.numel()),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("groupnorm: out of memory for the CPU kernel's statistics")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -268,12 +269,16 @@ def _in_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
 
 
+@lru_cache(maxsize=1024)
+def _strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    return tuple(torch.empty(shape, device="meta", memory_format=fmt).stride())
+
+
 def _as(t: torch.Tensor, shape: Sequence[int], fmt: torch.memory_format) -> torch.Tensor:
     """``t`` with exactly the strides of a new tensor of ``shape`` in ``fmt`` (what the fake gives)."""
-    out = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
-    if t.stride() == out.stride():
+    if tuple(t.stride()) == _strides(tuple(shape), fmt):
         return t
-    return out.copy_(t)
+    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
 
 
 def _stats_shape(plan: Plan, x: torch.Tensor) -> tuple[Any, int]:
