@@ -193,17 +193,22 @@ def _cached(name: str, key_parts: list[bytes], build: object) -> Path:
 def _base_key(cc: str) -> list[bytes]:
     return [
         KERNEL_SOURCE.read_bytes(),
-        repr((_C_FLAG_SETS, _C_FLAGS)).encode(),
+        repr((_C_FLAG_SETS, _C_FLAG_SETS_IN_TORCH, _C_FLAGS)).encode(),
         _version(cc).encode(),
         (_cpu_identity() + platform.machine()).encode(),
     ]
 
 
+#: flags for the C kernel inside the C++ operators: no OpenMP runtime of its own (torch's thread pool runs
+#: its parallel loops)
+_C_FLAG_SETS_IN_TORCH: tuple[tuple[str, ...], ...] = (("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",), ())
+
+
 def _compile_kernel(cc: str, output: Path, shared: bool) -> str | None:
-    """The C kernel into ``output`` (a shared library, or an object file), with the first flag set that
-    builds."""
+    """The C kernel into ``output`` (a shared library, or an object file for the C++ operators), with the
+    first flag set that builds."""
     errors = []
-    for flags in _C_FLAG_SETS:
+    for flags in _C_FLAG_SETS if shared else _C_FLAG_SETS_IN_TORCH:
         extra = ["-shared", "-lm"] if shared else ["-c"]
         failure = _run([cc, *_C_FLAGS, *flags, str(KERNEL_SOURCE), "-o", str(output), *extra])
         if failure is None:
@@ -268,7 +273,7 @@ def _ops() -> Path:
             link = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
             return _run(
                 [cxx, *cxx_flags, "-shared", str(OPS_SOURCE), str(obj), "-o", str(out), *link,
-                 "-lc10", "-ltorch_cpu", "-ltorch", "-fopenmp", "-lm"]
+                 "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
             )  # fmt: skip
 
     key = [*_base_key(cc), OPS_SOURCE.read_bytes(), _version(cxx).encode(), torch.__version__.encode()]

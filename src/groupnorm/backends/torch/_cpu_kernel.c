@@ -26,16 +26,36 @@
 typedef int64_t i64;
 
 #define CORNER 8
+/* elements of a row summed in float32 before the sum is added in float64 */
+#define ROW_BLOCK 256
 /* per-channel coefficient planes of the affine pass */
 #define COEFS 5
 /* tasks wanted at least, where the input allows: enough to keep 16 threads busy */
 #define TASKS 16
 
+/* A parallel loop over tasks [0, n): body(ctx, begin, end) runs each range once. A host that has its own
+   thread pool installs it with groupnorm_set_parallel (torch's, for the C++ operators: one runtime in the
+   process, and no idle threads spinning against it); otherwise OpenMP where compiled in, else one thread. */
+typedef void (*groupnorm_body)(void *ctx, int64_t begin, int64_t end);
+typedef void (*groupnorm_parallel_fn)(int64_t n, groupnorm_body body, void *ctx);
+static groupnorm_parallel_fn host_parallel = NULL;
+
+void groupnorm_set_parallel(groupnorm_parallel_fn fn) { host_parallel = fn; }
+
+static void parallel_for(int64_t n, groupnorm_body body, void *ctx, int nthreads) {
+    if (nthreads <= 1 || n <= 1) {
+        body(ctx, 0, n);
+    } else if (host_parallel) {
+        host_parallel(n, body, ctx);
+    } else {
 #if defined(_OPENMP)
-#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t t = 0; t < n; t++) body(ctx, t, t + 1);
 #else
-#define PARALLEL_FOR
+        body(ctx, 0, n);
 #endif
+    }
+}
 
 /* How the work is split: A into a_chunks chunks of a_step rows, groups into g_chunks chunks of g_step. */
 typedef struct {
@@ -148,22 +168,35 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
             }
         }
     } else {
-        /* rows of B innermost: one vectorised float64 reduction per row */
+        /* rows of B innermost: vectorised float32 sums of blocks of ROW_BLOCK elements (small terms,
+           being shifted), added in float64; a block whose float32 squares overflow is summed again in
+           float64 */
         for (i64 c = c0; c < c1; c++) {
             double t1 = 0.0, t2 = 0.0;
-            const double pc = ps[c], qc = qs[c];
+            const float pc = ps[c], qc = qs[c];
             for (i64 a = a0; a < a1; a++) {
                 const float *row = p + ((k * A + a) * C + c) * B;
                 const float *wrow = with_q ? q + ((k * A + a) * C + c) * B : row;
-                double r1 = 0.0, r2 = 0.0;
+                for (i64 b0 = 0; b0 < B; b0 += ROW_BLOCK) {
+                    const i64 b1 = b0 + ROW_BLOCK < B ? b0 + ROW_BLOCK : B;
+                    float r1 = 0.0f, r2 = 0.0f;
 #pragma omp simd reduction(+ : r1, r2)
-                for (i64 b = 0; b < B; b++) {
-                    double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
-                    r1 += u;
-                    r2 += u * v;
+                    for (i64 b = b0; b < b1; b++) {
+                        const float u = row[b] - pc, v = with_q ? wrow[b] - qc : u;
+                        r1 += u;
+                        r2 += u * v;
+                    }
+                    if (isfinite(r1) && isfinite(r2)) {
+                        t1 += r1;
+                        t2 += r2;
+                        continue;
+                    }
+                    for (i64 b = b0; b < b1; b++) {
+                        const double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
+                        t1 += u;
+                        t2 += u * v;
+                    }
                 }
-                t1 += r1;
-                t2 += r2;
             }
             s1[c] = t1;
             s2[c] = t2;
@@ -284,11 +317,49 @@ static inline void sums_of(const split *s, const passes *ps, i64 k, i64 a0, i64 
         task_sums(s, k, a0, a1, c0, c1, ps->sum_p, ps->sum_pshift, NULL, NULL, acc, acc + s->C, 0);
 }
 
+/* The state of one run of the passes, shared by its parallel loops. */
+typedef struct {
+    const split *s;
+    const passes *ps;
+    double *partial;
+} pass_run;
+
+/* Tasks that hold whole groups: sums, coefficients and output, while the rows are in cache. */
+static void whole_groups(void *ctx, i64 begin, i64 end) {
+    const pass_run *r = ctx;
+    const i64 C = r->s->C;
+    for (i64 t = begin; t < end; t++) {
+        i64 k, a0, a1, c0, c1;
+        task_range(r->s, t, &k, &a0, &a1, &c0, &c1);
+        double *acc = r->partial + t * C * 2;
+        sums_of(r->s, r->ps, k, a0, a1, c0, c1, acc);
+        r->ps->coefficients(r->s, r->ps->args, k, c0, c1, acc, acc + C);
+        if (r->ps->out) task_affine(r->s, k, a0, a1, c0, c1, r->ps->affine_p, r->ps->affine_q, r->ps->coef, r->ps->out);
+    }
+}
+
+static void partial_sums(void *ctx, i64 begin, i64 end) {
+    const pass_run *r = ctx;
+    for (i64 t = begin; t < end; t++) {
+        i64 k, a0, a1, c0, c1;
+        task_range(r->s, t, &k, &a0, &a1, &c0, &c1);
+        sums_of(r->s, r->ps, k, a0, a1, c0, c1, r->partial + t * r->s->C * 2);
+    }
+}
+
+static void affine_tasks(void *ctx, i64 begin, i64 end) {
+    const pass_run *r = ctx;
+    for (i64 t = begin; t < end; t++) {
+        i64 k, a0, a1, c0, c1;
+        task_range(r->s, t, &k, &a0, &a1, &c0, &c1);
+        task_affine(r->s, k, a0, a1, c0, c1, r->ps->affine_p, r->ps->affine_q, r->ps->coef, r->ps->out);
+    }
+}
+
 /* Runs the passes. Where every task holds whole groups, each task finishes its groups on its own while
    their rows are still in cache; otherwise the sums are completed between two parallel passes. Returns 0,
    or -1 when out of memory. */
 static int run_passes(const split *s, const passes *ps, int nthreads) {
-    (void)nthreads; /* used by OpenMP, where it is compiled in */
     const i64 tasks = task_count(s), C = s->C;
     double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
     double *sums = s->a_chunks > 1 ? malloc(sizeof(double) * (size_t)(s->K * C * 2)) : NULL;
@@ -297,33 +368,14 @@ static int run_passes(const split *s, const passes *ps, int nthreads) {
         free(sums);
         return -1;
     }
+    pass_run r = {s, ps, partial};
     if (s->a_chunks == 1) {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(s, t, &k, &a0, &a1, &c0, &c1);
-            double *acc = partial + t * C * 2;
-            sums_of(s, ps, k, a0, a1, c0, c1, acc);
-            ps->coefficients(s, ps->args, k, c0, c1, acc, acc + C);
-            if (ps->out) task_affine(s, k, a0, a1, c0, c1, ps->affine_p, ps->affine_q, ps->coef, ps->out);
-        }
+        parallel_for(tasks, whole_groups, &r, nthreads);
     } else {
-        PARALLEL_FOR
-        for (i64 t = 0; t < tasks; t++) {
-            i64 k, a0, a1, c0, c1;
-            task_range(s, t, &k, &a0, &a1, &c0, &c1);
-            sums_of(s, ps, k, a0, a1, c0, c1, partial + t * C * 2);
-        }
+        parallel_for(tasks, partial_sums, &r, nthreads);
         total_sums(s, partial, sums);
         for (i64 k = 0; k < s->K; k++) ps->coefficients(s, ps->args, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
-        if (ps->out) {
-            PARALLEL_FOR
-            for (i64 t = 0; t < tasks; t++) {
-                i64 k, a0, a1, c0, c1;
-                task_range(s, t, &k, &a0, &a1, &c0, &c1);
-                task_affine(s, k, a0, a1, c0, c1, ps->affine_p, ps->affine_q, ps->coef, ps->out);
-            }
-        }
+        if (ps->out) parallel_for(tasks, affine_tasks, &r, nthreads);
     }
     free(partial);
     free(sums);

@@ -35,6 +35,8 @@ int groupnorm_backward_f32(const float *x, const float *dy, float *dx, int64_t K
                            int64_t G, const float *gamma, const float *shift_in, const float *mean_in,
                            const float *rstd_in, float *dgamma, float *dbeta, int nthreads);
 void groupnorm_prefer_huge_pages(void *buffer, int64_t bytes);
+typedef void (*groupnorm_body)(void *ctx, int64_t begin, int64_t end);
+void groupnorm_set_parallel(void (*fn)(int64_t n, groupnorm_body body, void *ctx));
 }
 
 namespace {
@@ -199,7 +201,7 @@ Tensor fresh(const Tensor &like) {
 
 Tensor float_param(const OptTensor &p) {
     if (!p.has_value() || !p->defined()) return Tensor();
-    return p->detach().to(at::kFloat).contiguous();
+    return p->to(at::kFloat).contiguous();  // (below autograd: nothing is recorded)
 }
 
 const float *ptr(const Tensor &t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
@@ -366,10 +368,23 @@ struct Forward : public torch::autograd::Function<Forward> {
 Five forward_autograd(const Tensor &input, const OptTensor &weight, const OptTensor &bias, int64_t groups,
                       int64_t channels_axis, at::IntArrayRef axes, double eps, bool mean_close_to_zero,
                       OptStr activation, bool keep_pre) {
+    if (!requires_grad(input, weight, bias)) {  // no graph to record: straight to the kernel
+        at::AutoDispatchBelowADInplaceOrView guard;
+        static auto forward_op = op("groupnorm::forward").typed<ForwardSig>();
+        return forward_op.call(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
+                               keep_pre);
+    }
     auto r = Forward::apply(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
                             keep_pre);
     return {r[0], r[1], r[2], r[3], r[4]};
 }
+
+// the kernel's parallel loops run on torch's thread pool
+void torch_parallel(int64_t n, groupnorm_body body, void *ctx) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { body(ctx, begin, end); });
+}
+
+const bool parallel_installed = (groupnorm_set_parallel(torch_parallel), true);
 
 }  // namespace
 
