@@ -19,7 +19,7 @@ import pytest
 
 import groupnorm
 import groupnorm.cli
-from groupnorm.cli import BENCH_FRAMEWORKS, DEMO, PLOT, Needs, main, missing_modules
+from groupnorm.cli import BENCH_FRAMEWORKS, DEMO, Needs, main, missing_modules
 
 #: where the groupnorm under test is imported from (the checkout's src/, or an installed copy)
 PACKAGE_PARENT = str(Path(groupnorm.__file__).resolve().parents[1])
