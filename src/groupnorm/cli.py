@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 __all__ = ["BENCH_FRAMEWORKS", "COMMANDS", "DEMO", "PLOT", "Needs", "main", "missing_modules"]
 
-#: sub-command -> module with ``add_arguments(parser)`` and ``run(args) -> int``, imported on use.
 COMMANDS = {
     "demo": "groupnorm.demo",
     "bench": "groupnorm.bench",
 }
+"""Sub-command -> module with ``add_arguments(parser)`` and ``run(args) -> int``, imported on use."""
 
-#: exit status of a command whose optional dependencies are missing (2 is taken by bad arguments)
 EXIT_MISSING = 1
+"""Exit status of a command whose optional dependencies are missing (2 is taken by bad arguments)."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,12 @@ class Needs:
         return f"{self.what} needs {needed}; not installed: {absent}. Install them: {self.install_command()}"
 
 
-#: ``groupnorm demo`` trains with PyTorch, shows progress and tables with rich, draws with matplotlib.
 DEMO = Needs(("torch", "rich", "matplotlib"), ("demo",), "groupnorm demo")
+"""``groupnorm demo`` trains with PyTorch, shows progress and tables with rich, draws with matplotlib."""
 
-#: ``groupnorm bench --plot`` draws its chart with matplotlib.
 PLOT = Needs(("matplotlib",), ("bench",), "groupnorm bench --plot")
+"""``groupnorm bench --plot`` draws its chart with matplotlib."""
 
-#: ``groupnorm bench --framework NAME``: what groupnorm's front-end for NAME imports. A framework that is
-#: missing is reported as ``missing`` in the tables (the others still run); the command stops only when
-#: every framework asked for is missing.
 BENCH_FRAMEWORKS = {
     "numpy": Needs((), (), "groupnorm bench --framework numpy"),
     "torch": Needs(("torch",), ("torch",), "groupnorm bench --framework torch"),
@@ -79,6 +76,9 @@ BENCH_FRAMEWORKS = {
     "tf1": Needs(("tensorflow",), ("tf",), "groupnorm bench --framework tf1"),
     "flax": Needs(("jax", "flax"), ("jax",), "groupnorm bench --framework flax"),
 }
+"""``groupnorm bench --framework NAME``: what groupnorm's front-end for NAME imports. A framework that is missing
+is reported as ``missing`` in the tables (the others still run); the command stops only when every framework
+asked for is missing."""
 
 
 def missing_modules(modules: Sequence[str]) -> list[str]:
@@ -137,8 +137,8 @@ def _check_bench(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-#: sub-command -> its dependency check: the messages of what is missing (none: it may run)
 _CHECKS: dict[str, Callable[[argparse.Namespace], list[str]]] = {"demo": _check_demo, "bench": _check_bench}
+"""Sub-command -> its dependency check: the messages of what is missing (none: it may run)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
