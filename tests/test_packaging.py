@@ -123,6 +123,15 @@ def test_the_version_is_written_once() -> None:
     assert not elsewhere
 
 
+@pytest.mark.skipif(not os.environ.get("GROUPNORM_TEST_INSTALLED"), reason="run by the NumPy-only check")
+def test_the_installed_package_is_under_test() -> None:
+    """The NumPy-only check tests the package pip installed, not the checkout's sources."""
+    import groupnorm
+
+    assert (ROOT / "src") not in Path(groupnorm.__file__).resolve().parents
+    assert Path(groupnorm.__file__).resolve().parent.parent.name in ("site-packages", "dist-packages")
+
+
 def test_package_is_typed() -> None:
     assert (ROOT / "src" / "groupnorm" / "py.typed").exists()
 
