@@ -157,6 +157,7 @@ def _assert_all_ok(rows: list[dict[str, Any]]) -> None:
     assert not bad
 
 
+@pytest.mark.extras
 def test_numpy_and_torch_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "bench.png"
     doc = _run_json(
@@ -201,6 +202,7 @@ def test_numpy_and_torch_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.extras
 def test_accuracy_end_to_end(tmp_path: Path) -> None:
     doc = _run_json(tmp_path, "--accuracy", "-f", "numpy,torch", *TINY)
     (run,) = doc["runs"]
@@ -220,6 +222,7 @@ def test_accuracy_end_to_end(tmp_path: Path) -> None:
     assert plain["float32, mean 1e4 x spread"]["max_abs_error"] > plain["float32, mean 0"]["max_abs_error"]
 
 
+@pytest.mark.extras
 def test_keras_tf1_flax_end_to_end(tmp_path: Path) -> None:
     doc = _run_json(tmp_path, "-f", "keras,tf1,flax", *TINY, "--accuracy", "--speed", "--repeats", "1")
     (run,) = doc["runs"]
@@ -231,6 +234,7 @@ def test_keras_tf1_flax_end_to_end(tmp_path: Path) -> None:
     assert all(r["max_abs_error"] < 1e-5 for r in f32)
 
 
+@pytest.mark.extras
 def test_load_merges_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = _run_json(tmp_path, "-f", "numpy", *TINY, "--mode", "forward")
     (tmp_path / "a.json").write_text(json.dumps(first))

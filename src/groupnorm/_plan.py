@@ -14,9 +14,9 @@ merged into one axis of the *statistics view*, so that a backend reduces over as
 contiguous axes as the layout allows. For NCHW input with the default NCHW axes the statistics view is
 ``(N * G, C // G * H * W)``; for NHWC it is ``(N, H * W, G, C // G)``.
 
-Statistics computed in the statistics view with ``keepdims`` reshape to :meth:`Plan.stats_shape` (the
-split view with every reduced axis set to 1), which broadcasts against the split view of the input, as
-do per-channel coefficients of :meth:`Plan.coef_shape` and parameters reshaped to :attr:`Plan.param_shape`.
+Statistics computed in the statistics view with ``keepdims`` reshape to `Plan.stats_shape` (the split
+view with every reduced axis set to 1), which broadcasts against the split view of the input, as do
+per-channel coefficients of `Plan.coef_shape` and parameters reshaped to `Plan.param_shape`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ __all__ = [
     "resolve_activation",
 ]
 
-#: dtype names a plan accepts; every backend maps its own dtype objects to these names.
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+"""Dtype names a plan accepts; every backend maps its own dtype objects to these names."""
 
-#: activations a backend may fuse, by name. ``"gelu"`` is the exact (erf) form.
 ACTIVATIONS = ("relu", "silu", "gelu")
+"""Activations a backend may fuse, by name. ``"gelu"`` is the exact (erf) form."""
 
-#: what :func:`resolve_activation` returns: nothing, a fusable name, or the user's callable.
 Activation = str | Callable[[Any], Any] | None
+"""What `resolve_activation` returns: nothing, a fusable name, or the user's callable."""
 
 Dim = TypeVar("Dim")
 
@@ -62,23 +62,41 @@ def _product(dims: Sequence[Dim]) -> Dim | int:
 class Plan:
     """A validated group normalization: what to reduce, what to keep, and how to view the input.
 
-    Axis fields are non-negative and refer to the input. Methods that take ``dims`` expect the input's
-    run-time shape (ints, or a framework's scalar tensors for dynamic dimensions) and return tuples
-    suitable for that framework's ``reshape``.
+    Made by `make_plan` (never directly), immutable and cached. Axis fields are non-negative and refer to
+    the input. Methods that take ``dims`` expect the input's run-time shape (ints, or a framework's scalar
+    tensors for dynamic dimensions) and return tuples suitable for that framework's ``reshape``.
+
+    Example:
+        An NHWC batch: each of the 8 images has 32 statistics, over 32 x 32 pixels and 2 channels each.
+
+        >>> import groupnorm
+        >>> plan = groupnorm.make_plan((8, 32, 32, 64), "float32", groups=32)
+        >>> plan.channels_axis, plan.reduction_axes, plan.kept_axes, plan.group_size
+        (3, (1, 2), (0,), 2048)
+        >>> plan.view_shape(plan.shape), plan.view_reduce_axes  # reduce axes 1 and 3 of this view
+        ((8, 1024, 32, 2), (1, 3))
+        >>> plan.stats_shape(plan.shape), plan.param_shape
+        ((8, 1, 1, 32, 1), (1, 1, 1, 32, 2))
     """
 
     shape: tuple[int | None, ...]
     """The static shape the plan was made for; ``None`` marks a dimension known only at run time."""
     dtype: str
+    """The input's dtype name: one of `FLOAT_DTYPES`."""
     channels_axis: int
+    """The channel axis, non-negative."""
     reduction_axes: tuple[int, ...]
-    """Sorted, non-negative."""
+    """The axes statistics run over besides the group's channels: sorted, non-negative."""
     kept_axes: tuple[int, ...]
     """Axes of the input over which statistics are *not* shared, other than the channel axis."""
     groups: int
+    """G, the number of groups; it divides `channels`."""
     channels: int
+    """C, the size of the channel axis."""
     epsilon: float
+    """Added to the variance: finite and >= 0."""
     mean_close_to_zero: bool
+    """``True``: one-pass statistics (sum and sum of squares, clamped at zero); ``False``: stable ones."""
     view_runs: tuple[tuple[int, int], ...]
     """Runs ``(start, stop)`` of split-view axes merged into one axis of the statistics view."""
     view_reduce_axes: tuple[int, ...]
@@ -86,6 +104,7 @@ class Plan:
 
     @property
     def rank(self) -> int:
+        """The input's rank, ``len(shape)``."""
         return len(self.shape)
 
     @property
@@ -190,14 +209,51 @@ def make_plan(
     gamma_shape: Sequence[int | None] | None = None,
     beta_shape: Sequence[int | None] | None = None,
 ) -> Plan:
-    """Validate group normalization arguments for an input and resolve them into a :class:`Plan`.
+    """Validate group normalization arguments for an input and resolve them into a `Plan`.
 
-    ``shape`` is the input's static shape (``None`` for an unknown rank, ``None`` entries for dynamic
-    dimensions) and ``dtype`` its dtype's name (``"float32"``, ``"bfloat16"``, ...). ``gamma_shape`` and
-    ``beta_shape`` are the parameters' shapes where parameters are given.
+    The one place the contract is checked: every front-end calls it before computing anything. Plans
+    are cached, so a second call with the same arguments returns the same object at the cost of a dict
+    lookup.
 
-    Raises ``TypeError`` for arguments of the wrong type and ``ValueError`` for wrong values, with the
-    phrases of TensorFlow 1.15's ``group_norm`` where it had one. Plans are cached.
+    Args:
+        shape: the input's static shape: a sequence of non-negative ints, with ``None`` for a dimension
+            known only at run time (only kept axes such as the batch may be dynamic); ``None`` for an
+            input of unknown rank (an error).
+        dtype: the input's dtype by name: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+        groups: G, the number of groups the channel axis is split into; a positive int that divides the
+            channel count. Default ``32``.
+        channels_axis: the channel axis; negative values count from the end. Default ``-1`` (NHWC).
+        reduction_axes: an int or a sequence of ints: the axes statistics run over besides the group's
+            channels; may be empty; must not name the channel axis or one axis twice. Default ``(-3, -2)``
+            (H and W of NHWC).
+        epsilon: added to the variance; finite and >= 0. Default ``1e-6``.
+        mean_close_to_zero: ``False`` (default): numerically stable statistics; ``True``: one-pass sums
+            as TensorFlow 1.15 did, faster and inaccurate where the mean is large against the spread.
+        gamma_shape: the scale's shape where one is given (it must be ``[C]``); default ``None``, no scale.
+        beta_shape: the offset's shape where one is given (it must be ``[C]``); default ``None``, no offset.
+
+    Returns:
+        The validated, immutable `Plan`.
+
+    Raises:
+        TypeError: an argument of the wrong type: a dtype that is not a name or not floating-point,
+            non-int groups or axes (bools included), a non-real epsilon, a non-bool mean_close_to_zero.
+        ValueError: a wrong value, with TensorFlow 1.15's phrase where it had one (see the contract's
+            table of errors): unknown rank, an axis out of bounds, a dynamic channel or reduction
+            dimension, overlapping or repeated axes, groups that do not divide the channels, a negative
+            or non-finite epsilon, parameters of the wrong shape.
+
+    Example:
+        NCHW input with a dynamic batch, 8 groups of 8 channels:
+
+        >>> from groupnorm import make_plan
+        >>> plan = make_plan((None, 64, 16, 16), "float32", groups=8, channels_axis=1, reduction_axes=(2, 3))
+        >>> plan.kept_axes, plan.view_shape((4, 64, 16, 16))  # one statistic per (image, group)
+        ((0,), (32, 2048))
+        >>> make_plan((8, 32, 32, 60), "float32", groups=32)
+        Traceback (most recent call last):
+        ...
+        ValueError: 60 channels is not commensurate with 32 groups.
     """
     if not isinstance(dtype, str):
         raise TypeError(f"dtype must be given by name, got {dtype!r}.")
@@ -315,7 +371,24 @@ def _make_plan(
 
 
 def resolve_activation(activation: object) -> Activation:
-    """Validate an activation: ``None``, a callable, or one of :data:`ACTIVATIONS` by name."""
+    """Validate an activation: ``None``, a callable, or one of `ACTIVATIONS` by name (any case).
+
+    Args:
+        activation: ``None`` (no activation), a callable applied to the normalized output, or the name of
+            an activation backends fuse: ``"relu"``, ``"silu"`` or ``"gelu"`` (the exact, erf form).
+
+    Returns:
+        ``None``, the callable unchanged, or the name in lower case.
+
+    Raises:
+        ValueError: an unknown activation name.
+        TypeError: anything else (neither ``None``, a callable nor a string).
+
+    Example:
+        >>> from groupnorm._plan import resolve_activation
+        >>> resolve_activation("SiLU"), resolve_activation(None)
+        ('silu', None)
+    """
     if activation is None or callable(activation):
         return activation  # type: ignore[return-value]
     if isinstance(activation, str):
