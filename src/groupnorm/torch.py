@@ -71,8 +71,9 @@ def group_norm(
     Args:
         input: a floating-point tensor with its channels on ``channels_axis``.
         num_groups: how many groups to split the channels into; must divide the channel count.
-        weight, bias: optional per-channel scale and offset, shape ``[C]``, on ``input``'s device, of its
-            dtype (or float32 for a float16/bfloat16 input).
+        weight: optional per-channel scale, shape ``[C]``, on ``input``'s device, of its dtype (or float32
+            for a float16/bfloat16 input).
+        bias: optional per-channel offset, with ``weight``'s constraints.
         eps: added to the variance (default 1e-5, as torch); must be >= 0.
         channels_axis: the channel axis (default 1, as torch; -1 for NHWC).
         reduction_axes: the axes the statistics run over besides the group's channels; default ``None``:
@@ -129,7 +130,8 @@ class GroupNorm(nn.GroupNorm):
         num_channels: the channel count ``C``.
         eps: added to the variance (default 1e-5); must be >= 0.
         affine: whether to learn a per-channel ``weight`` (ones) and ``bias`` (zeros), shape ``[C]``.
-        device, dtype: where and of which dtype to create the parameters.
+        device: where to create the parameters.
+        dtype: the parameters' dtype.
         bias: with ``affine``, whether to learn ``bias`` too (default True).
         channels_axis: the channel axis of the input (default 1, as torch; -1 for NHWC).
         reduction_axes: the axes statistics run over besides the group's channels; default ``None``: every
