@@ -26,8 +26,13 @@ from groupnorm._plan import make_plan, resolve_activation
 from groupnorm._torch_convert import convert
 from groupnorm.backends import torch as _backend
 from groupnorm.backends.torch import _ops
+from groupnorm.backends.torch._composite import ACTIVATION
 
 __all__ = ["GroupNorm", "convert", "group_norm"]
+
+
+def _expanded(p: object) -> bool:
+    return type(p).__name__ == "ExpandedWeight"
 
 
 def _schema_axes(reduction_axes: int | Sequence[int] | None) -> list[int] | None:
@@ -96,6 +101,13 @@ def group_norm(
         True
         >>> y = group_norm(x.permute(0, 2, 3, 1), 4, channels_axis=-1, reduction_axes=(1, 2))   # NHWC
     """
+    if _expanded(weight) or _expanded(bias):
+        # per-sample gradients (torch.nn.utils._per_sample_grad): ExpandedWeights knows torch's group norm
+        if channels_axis != 1 or reduction_axes is not None or mean_close_to_zero or process_group is not None:
+            raise RuntimeError("per-sample gradients with expanded weights support torch's own arguments only")
+        act = resolve_activation(activation)
+        y = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+        return ACTIVATION[act](y) if isinstance(act, str) else act(y) if callable(act) else y
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(  # type: ignore[no-any-return]
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps,

@@ -106,7 +106,7 @@ def statistics(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         # small values keep their epsilon): squares of the scaled values cannot overflow
         top = torch.zeros_like(shift) if empty else z.detach().abs().amax(dim=(2, 3))
         top = torch.where(torch.isfinite(top) & (top > 1), top, torch.ones_like(top))
-        scale = torch.exp2(-torch.floor(torch.log2(top)))
+        scale = torch.pow(2.0, -torch.floor(torch.log2(top)))  # (pow: every exporter has it)
     else:
         scale = torch.ones_like(shift)
     zs = z * scale[..., None, None]

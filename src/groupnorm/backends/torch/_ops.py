@@ -78,6 +78,13 @@ _LIB.define(
 # validation, in torch's terms
 
 
+#: torch's names of the dtypes it has no group norm kernel for, as its errors spell them
+_SCALAR_NAMES = {
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}  # fmt: skip
+
+
 class GroupNormError(ValueError, RuntimeError):
     """A contract error (ValueError) where torch raises RuntimeError."""
 
@@ -96,12 +103,17 @@ def _torch_error(e: Exception, x: torch.Tensor, num_groups: object, weight: Any,
     shape = list(x.shape)
     if isinstance(e, TypeError):
         if "floating-point" in text:
-            return GroupNormDtypeError(f'"GroupNormKernelImpl" not implemented for {x.dtype}: {text}')
+            name = _SCALAR_NAMES.get(x.dtype, str(x.dtype))
+            return GroupNormDtypeError(f'"GroupNormKernelImpl" not implemented for \'{name}\': {text}')
+        if text.startswith("groups must be") and isinstance(num_groups, bool):
+            return TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not bool: {text}")
         return e
     if text.startswith("Axis is out of bounds") and x.dim() < 2:
         return GroupNormError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}. {text}")
     if "groups must be a positive int" in text and num_groups == 0:
         return GroupNormZeroGroups(f"integer division or modulo by zero: {text}")
+    if "groups must be a positive int" in text:
+        return GroupNormError(f"Expected num groups to be greater than 0, got {num_groups}. {text}")
     if "not commensurate" in text or text.startswith("Invalid groups"):
         return GroupNormError(
             "Expected number of channels in input to be divisible by num_groups, but got input of shape "
