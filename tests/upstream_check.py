@@ -1,8 +1,9 @@
 """Run a framework's own GroupNorm test file, unchanged, with its GroupNorm class swapped for groupnorm's.
 
-``python upstream_check.py SUITE FILE`` (in its own process: Keras reads ``KERAS_BACKEND`` at import)
-imports ``FILE`` as a module after replacing the framework's class by groupnorm's, runs the selected
-test cases with ``unittest`` and prints one JSON line: ``{"passed": [...], "failed": {name: text}}``.
+``python upstream_check.py SUITE=FILE ...`` (in its own process: the swap is for the whole process, and
+Keras reads ``KERAS_BACKEND`` at import) imports each ``FILE`` as a module after replacing the
+framework's class by groupnorm's, runs the selected test cases with ``unittest`` and prints one line,
+``UPSTREAM`` and a JSON object: ``{SUITE: {"passed": [...], "failed": {name: text}}}``.
 
 Suites:
 
@@ -105,17 +106,25 @@ class _Result(unittest.TestResult):
     addFailure = addError = _fail
 
 
-def main(argv: list[str]) -> int:
-    suite_name, file_name, *rest = argv
+def run_suite(suite_name: str, file_name: str, *, own: bool = False) -> dict[str, Any]:
+    """Run one suite on one file: ``{"passed": [names], "failed": {name: traceback}}``."""
     swap, select = SUITES[suite_name]
-    if "--own" not in rest:
+    if not own:
         swap()
     module = _load(Path(file_name))
     loaded = unittest.defaultTestLoader.loadTestsFromModule(module)
     chosen = [case for case in _cases(loaded) if select(case)]
     result = _Result()
     unittest.TestSuite(chosen).run(result)
-    print(json.dumps({"passed": sorted(result.passed), "failed": result.failed}))
+    return {"passed": sorted(result.passed), "failed": result.failed}
+
+
+def main(argv: list[str]) -> int:
+    """``SUITE=FILE ... [--own]``: one JSON line, ``{SUITE: run_suite(SUITE, FILE)}``, after ``UPSTREAM``."""
+    own = "--own" in argv
+    pairs = [arg.split("=", 1) for arg in argv if arg != "--own"]
+    results = {suite: run_suite(suite, path, own=own) for suite, path in pairs}
+    print("UPSTREAM " + json.dumps(results))
     return 0
 
 
