@@ -235,6 +235,19 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
             outputs = _masked.masked_group_norm(plan, inputs, mask, self.gamma, self.beta, self.activation, xp)
         return keras.ops.cast(outputs, self.compute_dtype)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        nodes = len(self._inbound_nodes)
+        outputs = super().__call__(*args, **kwargs)
+        if len(self._inbound_nodes) > nodes:
+            # Keras passes mask=None to a call() that takes a mask and records it in the functional
+            # graph; left out, saved models load with Keras's own layer too, whose call() takes none.
+            node = self._inbound_nodes[-1]
+            recorded = node.arguments.kwargs
+            if "mask" in recorded and recorded["mask"] is None:
+                rest = {k: v for k, v in recorded.items() if k != "mask"}
+                node.arguments = type(node.arguments)(*node.arguments.args, **rest)
+        return outputs
+
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
@@ -266,36 +279,43 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
         return {**super().get_config(), **config}
 
 
-def _swap_layers(config: Any, ours: dict[str, Any]) -> Any:
-    """``config`` (a ``.keras`` file's, parsed) with every ``keras.layers.GroupNormalization`` named ours."""
+def _is_group_normalization(config: dict[str, Any]) -> bool:
+    """Whether a serialized object is Keras's or groupnorm's GroupNormalization."""
+    if config.get("class_name") != "GroupNormalization":
+        return False
+    return config.get("module") == "keras.layers" or config.get("registered_name") == "groupnorm>GroupNormalization"
+
+
+def _swap_layers(config: Any, identity: dict[str, Any]) -> Any:
+    """``config`` (a ``.keras`` file's, parsed) with every GroupNormalization given ``identity``."""
     if isinstance(config, list):
-        return [_swap_layers(c, ours) for c in config]
+        return [_swap_layers(c, identity) for c in config]
     if not isinstance(config, dict):
         return config
-    swapped = {k: _swap_layers(v, ours) for k, v in config.items()}
-    if config.get("module") == "keras.layers" and config.get("class_name") == "GroupNormalization":
-        swapped.update(ours)
+    swapped = {k: _swap_layers(v, identity) for k, v in config.items()}
+    if _is_group_normalization(config):
+        swapped.update(identity)
     return swapped
 
 
-def load_model(filepath: str | Path, **kwargs: Any) -> Any:
-    """``keras.models.load_model`` for a ``.keras`` file, with every ``keras.layers.GroupNormalization``
-    in it loaded as groupnorm's :class:`GroupNormalization` (same config, same weights).
+def load_model(filepath: str | Path, layer_class: type[Any] | None = None, **kwargs: Any) -> Any:
+    """``keras.models.load_model`` for a ``.keras`` file, with every GroupNormalization layer in it,
+    Keras's or groupnorm's, loaded as ``layer_class``: groupnorm's :class:`GroupNormalization` (the
+    default) or ``keras.layers.GroupNormalization``. Configs and weights are the same for both (for
+    Keras's layer, groupnorm's own arguments must be at their defaults).
 
-    Keras resolves its built-in layers before any ``custom_objects``, so this is how a model saved with
-    Keras's layer gets groupnorm's. The other way needs nothing new: ``keras.models.load_model(path,
-    custom_objects={"groupnorm>GroupNormalization": keras.layers.GroupNormalization})`` loads a model
-    saved with groupnorm's layer (its own arguments at their defaults) into Keras's. ``kwargs`` go to
-    ``keras.models.load_model``.
+    Keras resolves its built-in layers before any ``custom_objects``, and registered classes (as
+    groupnorm's is, once :mod:`groupnorm.keras` is imported) before them too, so ``custom_objects``
+    cannot swap either class for the other; this can. ``kwargs`` go to ``keras.models.load_model``.
     """
-    serialized = keras.saving.serialize_keras_object(GroupNormalization())
-    ours = {key: serialized[key] for key in ("module", "class_name", "registered_name")}
+    serialized = keras.saving.serialize_keras_object((layer_class or GroupNormalization)())
+    identity = {key: serialized[key] for key in ("module", "class_name", "registered_name")}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / Path(filepath).name
         with zipfile.ZipFile(filepath) as source, zipfile.ZipFile(copy, "w") as target:
             for item in source.infolist():
                 data = source.read(item)
                 if item.filename == "config.json":
-                    data = json.dumps(_swap_layers(json.loads(data), ours)).encode()
+                    data = json.dumps(_swap_layers(json.loads(data), identity)).encode()
                 target.writestr(item, data)
         return keras.models.load_model(copy, **kwargs)
