@@ -1,6 +1,7 @@
 """Masked statistics across devices, on 2 host CPU devices: an input and mask sharded along a reduction
-axis give, under ``shard_map`` with ``axis_name``, the output and gradients of the unsharded input, even
-where the devices' shards hold different numbers of unmasked elements.
+axis give, under ``shard_map`` with ``axis_name`` (the NNX layer and the functional form), the output
+and gradients of the unsharded input, even where the devices' shards hold different numbers of unmasked
+elements.
 
 The device count must be set before JAX starts, so the checks run in a fresh interpreter."""
 
@@ -45,6 +46,15 @@ SCRIPT = textwrap.dedent(
     dx = jax.jit(jax.grad(lambda xx: jnp.sum(sharded(xx, mask) * ct)))(x)
     want = masked_reference_grads(cfg, x_np, mask_np, np.asarray(ct), g, b)["x"]
     np.testing.assert_allclose(np.asarray(dx), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    # the functional form, with parameters and an activation
+    g2, b2 = jnp.asarray(g) * 1.5, jnp.asarray(b) + 0.5
+    fn = jax.shard_map(
+        lambda xx, mm: gflax.group_norm(xx, 4, reduction_axes=(1, 2), gamma=g2, beta=b2, activation_fn="gelu",
+                                        mask=mm, axis_name="d"),
+        mesh=mesh, in_specs=(P(None, "d"), P(None, "d")), out_specs=P(None, "d"))  # fmt: skip
+    cfg_gelu = Config(cfg.shape, 4, -1, (1, 2), epsilon=1e-6, activation="gelu")
+    ref = masked_reference(cfg_gelu, x_np, mask_np, g * 1.5, b + 0.5)["y"]
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, mask)), ref, rtol=0, atol=2e-5)
     print("masked statistics across devices OK")
     """
 )

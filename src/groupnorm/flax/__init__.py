@@ -1,5 +1,6 @@
 """groupnorm for Flax: a drop-in for ``flax.nnx.GroupNorm`` (here) and for ``flax.linen.GroupNorm``
-(:mod:`groupnorm.flax.linen`), and the functional :func:`group_norm` with statistics across devices.
+(:mod:`groupnorm.flax.linen`), and the functional :func:`group_norm` with statistics across devices
+and masks.
 
 Swapping ``nnx.GroupNorm`` for ``groupnorm.flax.GroupNorm`` keeps every constructor argument, default and
 parameter name (``scale``, ``bias``), so existing models and their saved parameters keep working. What
@@ -33,7 +34,6 @@ from groupnorm import _masked
 from groupnorm._api import Backend, plan_for
 from groupnorm._plan import Activation, make_plan, resolve_activation
 from groupnorm.backends import jax as jax_backend
-from groupnorm.backends.jax import group_norm
 
 __all__ = ["ArgumentError", "GroupNorm", "group_norm"]
 
@@ -97,6 +97,67 @@ def contract_axes(ndim: int, channels_axis: int, reduction_axes: int | Sequence[
     return tuple(a for a in axes if not names_channel(a))
 
 
+def group_norm(
+    inputs: Any,
+    groups: int = 32,
+    channels_axis: int = -1,
+    reduction_axes: int | Sequence[int] = (-3, -2),
+    *,
+    gamma: Any = None,
+    beta: Any = None,
+    epsilon: float = 1e-6,
+    activation_fn: Activation = None,
+    mean_close_to_zero: bool = False,
+    axis_name: Hashable = None,
+    axis_index_groups: Any = None,
+    mask: Any = None,
+) -> jax.Array:
+    """:func:`groupnorm.group_norm` for JAX arrays, with statistics across devices and masks together.
+
+    ``axis_name`` names a mapped axis (of ``shard_map`` or ``pmap``) over which the input's groups are
+    sharded, and ``axis_index_groups`` restricts it to subsets of devices, as in ``jax.lax.psum``: the
+    statistics then run over every device's shard (see :func:`groupnorm.backends.jax.group_norm`).
+    ``mask``, a boolean array that broadcasts to the input (this device's shard of it, with
+    ``axis_name``), restricts them to the elements where it is true (see :func:`groupnorm.group_norm`);
+    with ``axis_name`` the counts and sums of all devices are added, so the result is the unsharded one.
+    """
+    if mask is None:
+        return jax_backend.group_norm(
+            inputs,
+            groups,
+            channels_axis,
+            reduction_axes,
+            gamma=gamma,
+            beta=beta,
+            epsilon=epsilon,
+            activation_fn=activation_fn,
+            mean_close_to_zero=mean_close_to_zero,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+    x = jnp.asarray(inputs)
+    plan = plan_for(
+        cast(Backend, jax_backend),
+        x,
+        groups=groups,
+        channels_axis=channels_axis,
+        reduction_axes=reduction_axes,
+        gamma=gamma,
+        beta=beta,
+        epsilon=epsilon,
+        mean_close_to_zero=mean_close_to_zero,
+    )
+    across: _masked.Across = None
+    if axis_name is not None:
+        groups_arg = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
+        across = (
+            partial(jax.lax.psum, axis_name=axis_name, axis_index_groups=groups_arg),
+            partial(jax.lax.pmax, axis_name=axis_name, axis_index_groups=groups_arg),
+        )
+    activation = resolve_activation(activation_fn)
+    return cast(jax.Array, _masked.execute(plan, x, mask, gamma, beta, activation, "jax", across=across))
+
+
 def apply(
     x: jax.Array,
     scale: jax.Array | None,
@@ -112,44 +173,20 @@ def apply(
     axis_index_groups: Any,
     mask: Any = None,
 ) -> jax.Array:
-    """The layers' shared call: translate Flax's conventions and run the JAX backend (with a ``mask``,
-    :mod:`groupnorm._masked` on JAX's operations)."""
-    axes = contract_axes(x.ndim, channels_axis, reduction_axes)
-    if mask is None:
-        return group_norm(
-            x,
-            groups,
-            channels_axis,
-            axes,
-            gamma=scale,
-            beta=bias,
-            epsilon=epsilon,
-            activation_fn=activation,
-            mean_close_to_zero=mean_close_to_zero,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-        )
-    plan = plan_for(
-        cast(Backend, jax_backend),
+    """The layers' shared call: translate Flax's conventions and run :func:`group_norm`."""
+    return group_norm(
         x,
-        groups=groups,
-        channels_axis=channels_axis,
-        reduction_axes=axes,
+        groups,
+        channels_axis,
+        contract_axes(x.ndim, channels_axis, reduction_axes),
         gamma=scale,
         beta=bias,
         epsilon=epsilon,
+        activation_fn=activation,
         mean_close_to_zero=mean_close_to_zero,
-    )
-    across: _masked.Across = None
-    if axis_name is not None:
-        groups_arg = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
-        across = (
-            partial(jax.lax.psum, axis_name=axis_name, axis_index_groups=groups_arg),
-            partial(jax.lax.pmax, axis_name=axis_name, axis_index_groups=groups_arg),
-        )
-    return cast(
-        jax.Array,
-        _masked.execute(plan, x, mask, scale, bias, resolve_activation(activation), "jax", across=across),
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
     )
 
 
