@@ -296,3 +296,19 @@ def test_mask_errors(library: str, mask: np.ndarray, phrase: str) -> None:
 def test_contract_errors_come_first_with_a_mask() -> None:
     with pytest.raises(ValueError, match="commensurate"):
         groupnorm.group_norm(np.ones((2, 4, 6), np.float32), 4, reduction_axes=(-2,), mask=np.ones(6, bool))
+
+
+@pytest.mark.parametrize("library", [*LIBRARIES, "keras"])
+@pytest.mark.parametrize(("work", "top"), [("float32", 126), ("float64", 1022)])
+def test_scale_factors_are_exact_powers_of_two(library: str, work: str, top: int) -> None:
+    """The per-group scale 2**-e is exact (so scaling loses nothing), and e is floor(log2) of the
+    largest |x| give or take one, never below 0 or above the dtype's range."""
+    xp = ops_for(library)
+    maker = {**MAKERS, "keras": tf.constant}[library]
+    with jax.enable_x64(True):
+        e = np.arange(0, top + 1).astype(work)
+        np.testing.assert_array_equal(np.asarray(xp.pow2(maker(e), work)), 2.0 ** -e.astype(np.float64))
+        big = np.array([0.0, 0.5, 1.0, 3.0, 1e4, 2.0**60 * 1.5, np.finfo(work).max], work)
+        got = np.asarray(xp.exponent(maker(big), top))
+    want = np.clip(np.floor(np.log2(np.maximum(big.astype(np.float64), 1.0))), 0, top)
+    assert np.all(np.abs(got - want) <= 1) and got.min() >= 0 and got.max() <= top

@@ -176,9 +176,17 @@ def execute(
     """:func:`masked_group_norm` with the operations of ``library`` (see :func:`ops_for`); on JAX,
     compiled once per plan and activation (inlined into an enclosing ``jit``)."""
     xp = ops_for(library)
-    if library == "jax" and across is None:
+    if library == "jax" and across is None and _hashable(activation):
         return _jax_compiled(plan, activation)(x, xp.as_mask(mask, x), gamma, beta)
     return masked_group_norm(plan, x, mask, gamma, beta, activation, xp, across=across)
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=256)
@@ -247,7 +255,7 @@ class _NumPyOps:
         return self.np.clip(self.np.frexp(a)[1] - 1, 0, top)
 
     def pow2(self, e: Any, work: str) -> Any:
-        return self.np.ldexp(self.np.ones((), work), -e)
+        return self.np.ldexp(self.np.ones((), work), -self.np.asarray(e).astype(self.np.int32))
 
     def stop_gradient(self, a: Any) -> Any:
         return a
@@ -316,7 +324,11 @@ class _TorchOps:
         return (self.torch.frexp(a).exponent - 1).clamp(0, top).to(a.dtype)
 
     def pow2(self, e: Any, work: str) -> Any:
-        return self.torch.exp2(-e.to(self._dtype(work)))
+        # from the bits (exact on every device): the biased exponent of 2**-e, in place
+        torch = self.torch
+        if work == "float64":
+            return ((1023 - e.to(torch.int64)) << 52).view(torch.float64)
+        return ((127 - e.to(torch.int32)) << 23).view(torch.float32)
 
     def stop_gradient(self, a: Any) -> Any:
         return a.detach()
@@ -381,7 +393,7 @@ class _JaxOps:
         return self.jnp.clip(self.jnp.frexp(a)[1] - 1, 0, top)
 
     def pow2(self, e: Any, work: str) -> Any:
-        return self.jnp.ldexp(self.jnp.ones(e.shape, work), -e)
+        return self.jnp.ldexp(self.jnp.ones(e.shape, work), -e.astype(self.jnp.int32))
 
     def stop_gradient(self, a: Any) -> Any:
         return self.jax.lax.stop_gradient(a)
@@ -452,7 +464,12 @@ class _TensorFlowOps:
         return tf.clip_by_value(e, 0.0, float(top))
 
     def pow2(self, e: Any, work: str) -> Any:
-        return self.tf.pow(self.tf.constant(2.0, work), -e)
+        # from the bits (exact on every device): the biased exponent of 2**-e, in place
+        tf = self.tf
+        if work == "float64":
+            bits = tf.bitwise.left_shift(1023 - tf.cast(e, tf.int64), tf.constant(52, tf.int64))
+            return tf.bitcast(bits, tf.float64)
+        return tf.bitcast(tf.bitwise.left_shift(127 - tf.cast(e, tf.int32), 23), tf.float32)
 
     def stop_gradient(self, a: Any) -> Any:
         return self.tf.stop_gradient(a)
@@ -525,7 +542,7 @@ class _KerasOps:
         return ops.clip(e, 0.0, float(top))
 
     def pow2(self, e: Any, work: str) -> Any:
-        # from the bits: the biased exponent of 2**-e, in place, is exact on every backend
+        # from the bits (exact on every backend): the biased exponent of 2**-e, in place
         ops = self.ops
         if work == "float64":
             bits = ops.left_shift(1023 - ops.cast(e, "int64"), 52)
