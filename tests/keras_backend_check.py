@@ -1,5 +1,7 @@
 """Checks of groupnorm.keras.GroupNormalization on one Keras backend, run in its own process (Keras reads
-KERAS_BACKEND at import) by test_keras_backends.py: ``python keras_backend_check.py BACKEND``."""
+KERAS_BACKEND at import) by test_keras_backends.py: ``python keras_backend_check.py BACKEND [--no-checks]
+[--upstream FILE]``. ``--upstream`` then runs Keras's own GroupNormalization test file with groupnorm's
+class swapped in (see upstream_check.py) and prints its result as a line ``UPSTREAM {json}``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 
 import groupnorm.numpy as gnp
 from groupnorm.keras import GroupNormalization
-from support import hard_data, reference_group_norm
+from masked_support import masked_reference, masked_reference_grads
+from support import Config, hard_data, reference_group_norm
 
 BACKEND = sys.argv[1]
 assert keras.backend.backend() == BACKEND, keras.backend.backend()
@@ -25,15 +28,18 @@ def numpy(t: object) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(t), np.float64)
 
 
-def forward_and_input_grad(layer: keras.layers.Layer, x: np.ndarray, cot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """layer(x) and d sum(layer(x) * cot) / dx with the backend's own autodiff (JAX: under jit)."""
+def forward_and_input_grad(
+    layer: keras.layers.Layer, x: np.ndarray, cot: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """layer(x, mask) and d sum(layer(x, mask) * cot) / dx with the backend's own autodiff (JAX: under jit)."""
+    kwargs = {} if mask is None else {"mask": mask}
     if BACKEND == "jax":
         import jax
 
         values = [v.value for v in layer.trainable_variables]
 
         def apply(xx: object) -> object:
-            return layer.stateless_call(values, [], xx)[0]
+            return layer.stateless_call(values, [], xx, **kwargs)[0]
 
         def both(xx: object) -> tuple[object, object]:
             return apply(xx), jax.grad(lambda z: (apply(z) * cot).sum())(xx)
@@ -43,7 +49,7 @@ def forward_and_input_grad(layer: keras.layers.Layer, x: np.ndarray, cot: np.nda
     import torch
 
     xt = torch.tensor(x, requires_grad=True)
-    y = layer(xt)
+    y = layer(xt, **({} if mask is None else {"mask": torch.as_tensor(mask)}))
     (y * torch.tensor(cot)).sum().backward()
     assert xt.grad is not None
     return numpy(y.detach()), xt.grad.numpy().astype(np.float64)
@@ -72,6 +78,30 @@ def check_values_and_gradients() -> None:
             gamma=gamma, beta=beta, epsilon=1e-5, activation_fn=activation,
             mean_close_to_zero=kwargs.get("mean_close_to_zero", False),
         ).inputs  # fmt: skip
+        assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), (shape, kwargs)
+
+
+def check_masks_values_and_gradients() -> None:
+    cases = [
+        ((2, 4, 5, 8), {"groups": 4}, (2, 4, 5, 8), None, (1, 2)),
+        ((3, 6, 8), {"groups": 2, "activation": "silu"}, (3, 6), -1, (1,)),  # Keras's mask of timesteps
+        ((2, 8, 6), {"groups": 4, "axis": 1}, (2, 6), 1, (2,)),
+    ]
+    for shape, kwargs, mask_shape, insert, axes in cases:
+        layer = GroupNormalization(
+            epsilon=1e-5, gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+        )
+        layer.build(shape)
+        x = hard_data(shape, kwargs.get("axis", -1), 1e3)
+        mask = np.random.default_rng(1).random(mask_shape) < 0.6
+        cot = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        y, got = forward_and_input_grad(layer, x, cot, mask)
+        full = mask if insert is None else np.expand_dims(mask, insert)
+        cfg = Config(shape, kwargs["groups"], kwargs.get("axis", -1), axes, epsilon=1e-5,
+                     activation=kwargs.get("activation"))  # fmt: skip
+        gamma, beta = numpy(layer.gamma), numpy(layer.beta)
+        assert np.abs(y - masked_reference(cfg, x, full, gamma, beta)["y"]).max() < 2e-5, (shape, kwargs)
+        want = masked_reference_grads(cfg, x, full, cot, gamma, beta)["x"]
         assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), (shape, kwargs)
 
 
@@ -120,9 +150,18 @@ def check_mixed_float16() -> None:
 
 
 if __name__ == "__main__":
-    check_values_and_gradients()
-    check_matches_keras_layer()
-    check_large_mean()
-    check_save_and_load()
-    check_mixed_float16()
-    print(f"groupnorm.keras OK on {BACKEND}")
+    if "--no-checks" not in sys.argv:
+        check_values_and_gradients()
+        check_masks_values_and_gradients()
+        check_matches_keras_layer()
+        check_large_mean()
+        check_save_and_load()
+        check_mixed_float16()
+        print(f"groupnorm.keras OK on {BACKEND}")
+    if "--upstream" in sys.argv:  # last: it swaps Keras's class for groupnorm's in this process
+        import json
+
+        from upstream_check import run_suite
+
+        upstream = sys.argv[sys.argv.index("--upstream") + 1]
+        print("UPSTREAM " + json.dumps({"keras": run_suite("keras", upstream)}))

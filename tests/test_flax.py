@@ -5,6 +5,8 @@ accurate and the reference's where it is not, and add the contract's arguments."
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +19,11 @@ from flax import nnx
 import groupnorm.flax as gflax
 import groupnorm.flax.linen as glinen
 import groupnorm.numpy as gnp
-from support import hard_data, reference_group_norm
+from fetch_upstream import require
+from masked_support import masked_reference, masked_reference_grads
+from support import Config, hard_data, reference_group_norm, run_python
+
+TESTS = Path(__file__).resolve().parent
 
 
 def _x(shape: tuple[int, ...] = (2, 4, 5, 8), mean_over_std: float = 0.5, seed: int = 0) -> jax.Array:
@@ -210,8 +216,10 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="Unknown activation"):
         gflax.GroupNorm(8, 4, activation="tanh", rngs=nnx.Rngs(0))
     layer = gflax.GroupNorm(8, 4, rngs=nnx.Rngs(0))
-    with pytest.raises(NotImplementedError, match="mask"):
-        layer(_x(), mask=jnp.ones((2, 4, 5, 8), bool))
+    with pytest.raises(ValueError, match="must be None or a boolean array"):
+        layer(_x(), mask=jnp.ones((2, 4, 5, 8), jnp.int32))  # jnp's own words, where Flax's mean raises
+    with pytest.raises(ValueError, match="does not broadcast"):
+        layer(_x(), mask=jnp.ones((2, 4, 5, 4), bool))
     with pytest.raises(ValueError, match=r"Axis is out of bounds\."):
         gflax.GroupNorm(8, 4, reduction_axes=(1, 4), rngs=nnx.Rngs(0))(_x())
     with pytest.raises(ValueError, match=r"8 channels is not commensurate with 3 groups\."):
@@ -220,3 +228,163 @@ def test_errors() -> None:
         glinen.GroupNorm(num_groups=None).init(jax.random.key(0), _x())
     with pytest.raises(ValueError, match=r"Axis is out of bounds\."):
         glinen.GroupNorm(num_groups=4, channels_axis=4).init(jax.random.key(0), _x())
+
+
+@pytest.mark.parametrize(
+    ("make", "groups", "phrase"),
+    [
+        (lambda g: gflax.GroupNorm(8, g, rngs=nnx.Rngs(0)), 3, r"8 channels is not commensurate with 3 groups\."),
+        (lambda g: gflax.GroupNorm(8, g, rngs=nnx.Rngs(0)), 16, r"Invalid groups 16 for 8 channels\."),
+        (lambda g: gflax.GroupNorm(8, g, rngs=nnx.Rngs(0)), 0, "groups must be a positive int"),
+        (lambda g: gflax.GroupNorm(8, g, rngs=nnx.Rngs(0)), 1.5, "groups must be a positive int"),
+        (lambda g: gflax.GroupNorm(8, g, rngs=nnx.Rngs(0)), "4", "groups must be a positive int"),
+        (lambda g: glinen.GroupNorm(num_groups=g).init(jax.random.key(0), _x()), 3, "commensurate"),
+        (lambda g: glinen.GroupNorm(num_groups=g).init(jax.random.key(0), _x()), -1, "positive int"),
+        (lambda g: glinen.GroupNorm(num_groups=g).init(jax.random.key(0), _x()), 2.0, "positive int"),
+    ],
+)
+def test_group_errors_are_value_errors_in_flax_words(make: Any, groups: Any, phrase: str) -> None:
+    """Where Flax raises ValueError ("does not divide the number of channels"), so does groupnorm, with
+    Flax's phrase after the contract's; the class is a TypeError too, as the plan's type errors are."""
+    with pytest.raises(ValueError, match=phrase) as info:
+        make(groups)
+    assert isinstance(info.value, TypeError)
+    assert f"Number of groups ({groups}) does not divide the number of channels (8)." in str(info.value)
+
+
+@pytest.mark.parametrize("groups", [3, 16, 0, 1.5, "4"])
+def test_flax_raises_value_error_for_those_groups(groups: Any) -> None:
+    """What the test above matches: Flax's own layer, for the same groups."""
+    with pytest.raises(ValueError, match=f"Number of groups \\({groups}\\) does not divide the number of channels"):
+        nnx.GroupNorm(8, groups, rngs=nnx.Rngs(0))
+
+
+def test_group_size_errors_name_features_and_channels_as_flax_does() -> None:
+    with pytest.raises(ValueError, match=r"Number of features \(8\) is not multiple of the group size \(3\)"):
+        gflax.GroupNorm(8, None, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Number of channels \(8\) is not multiple of the group size \(3\)"):
+        glinen.GroupNorm(num_groups=None, group_size=3).init(jax.random.key(0), _x())
+
+
+# -- masks ---------------------------------------------------------------------------------------------
+
+
+def _layers_with_mask(
+    x: jax.Array, mask: Any, *, with_flax: bool = True, **kwargs: Any
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """NNX and Linen groupnorm, and Flax's NNX GroupNorm (unless not ``with_flax``), on (x, mask) with
+    the same random parameters."""
+    channels = x.shape[-1]
+    ours = gflax.GroupNorm(channels, rngs=nnx.Rngs(0), **kwargs)
+    _random_params(ours)
+    theirs = nnx.GroupNorm(channels, rngs=nnx.Rngs(0), **kwargs)
+    theirs.scale[...], theirs.bias[...] = ours.scale[...], ours.bias[...]
+    linen = glinen.GroupNorm(**kwargs)
+    params = {"params": {"scale": ours.scale[...], "bias": ours.bias[...]}}
+    return ours(x, mask=mask), linen.apply(params, x, mask=mask), theirs(x, mask=mask) if with_flax else None
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "mask_shape", "axes", "with_flax"),
+    [
+        ((2, 4, 5, 8), {"num_groups": 4}, (2, 4, 5, 8), (1, 2), True),
+        # per pixel, broadcast over the channels: Flax's reshape of the mask needs the full channel axis
+        ((2, 4, 5, 8), {"num_groups": 2}, (2, 4, 5, 1), (1, 2), False),
+        ((3, 7, 6), {"num_groups": 3}, (3, 7, 6), (1,), True),
+        ((3, 7, 6), {"num_groups": None, "group_size": 1}, (7, 6), (1,), True),
+        # time kept: Flax's NNX layer repeats its statistics along axis 1, right only where that is batch
+        ((3, 2, 4, 4, 6), {"num_groups": 3, "reduction_axes": (2, 3, 4)}, (3, 2, 4, 4, 6), (2, 3), False),
+    ],
+)
+def test_mask_matches_flax_and_the_reference(
+    shape: tuple[int, ...],
+    kwargs: dict[str, Any],
+    mask_shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    with_flax: bool,
+) -> None:
+    x = _x(shape, mean_over_std=0.5, seed=4)
+    mask = np.random.default_rng(5).random(mask_shape) < 0.6
+    mask[(slice(None),) * (len(mask_shape) - 1) + (0,)] = True  # every group has an unmasked element
+    m = jnp.asarray(mask)
+    ours, linen, theirs = _layers_with_mask(x, m, with_flax=with_flax, **kwargs)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(linen))
+    if theirs is not None:
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=2e-5)
+    groups = kwargs["num_groups"] or shape[-1]
+    layer = gflax.GroupNorm(shape[-1], rngs=nnx.Rngs(0), **kwargs)
+    cfg = Config(shape, groups, -1, axes, epsilon=1e-6)
+    want = masked_reference(cfg, np.asarray(x), mask)["y"]
+    np.testing.assert_allclose(np.asarray(layer(x, mask=m)), want, atol=2e-5)
+
+
+def test_mask_stays_exact_where_flax_loses_precision() -> None:
+    x = _x((2, 6, 6, 8), mean_over_std=1e4, seed=6)
+    mask = np.random.default_rng(7).random((2, 6, 6, 8)) < 0.5
+    cfg = Config((2, 6, 6, 8), 4, -1, (1, 2), epsilon=1e-6)
+    want = masked_reference(cfg, np.asarray(x), mask)["y"]
+    ours = gflax.GroupNorm(8, 4, rngs=nnx.Rngs(0))(x, mask=jnp.asarray(mask))
+    theirs = nnx.GroupNorm(8, 4, rngs=nnx.Rngs(0))(x, mask=jnp.asarray(mask))
+    assert np.abs(np.asarray(theirs) - want).max() > 1e-3  # Flax's one-pass variance
+    np.testing.assert_allclose(np.asarray(ours), want, atol=1e-5)
+
+
+def test_mask_gradients_under_nnx_jit() -> None:
+    x = _x((3, 5, 6), mean_over_std=2.0, seed=8)
+    mask = np.random.default_rng(9).random((3, 5, 1)) < 0.6
+    mask[:, 0] = True
+    ct = jnp.asarray(np.random.default_rng(10).normal(size=x.shape), jnp.float32)
+    model = gflax.GroupNorm(6, 3, activation="silu", epsilon=1e-5, rngs=nnx.Rngs(0))
+    _random_params(model)
+
+    @nnx.jit
+    def grads(m: gflax.GroupNorm, xx: jax.Array) -> Any:
+        return nnx.grad(lambda mm, z: jnp.sum(mm(z, mask=jnp.asarray(mask)) * ct), argnums=(0, 1))(m, xx)
+
+    gm, gx = grads(model, x)
+    g, b = np.asarray(model.scale[...]), np.asarray(model.bias[...])
+    cfg = Config((3, 5, 6), 3, -1, (1,), activation="silu", epsilon=1e-5)
+    want = masked_reference_grads(cfg, np.asarray(x), mask, np.asarray(ct), g, b)
+    np.testing.assert_allclose(np.asarray(gx), want["x"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gm.scale[...]), want["gamma"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gm.bias[...]), want["beta"], atol=1e-4)
+
+
+def test_group_without_unmasked_elements_gives_bias_where_flax_gives_nan() -> None:
+    x = _x((2, 3, 4), seed=11)
+    mask = np.ones((2, 3, 4), bool)
+    mask[1, :, 2:] = False  # example 1, group 1: nothing to take statistics of
+    ours, linen, theirs = _layers_with_mask(x, jnp.asarray(mask), num_groups=2)
+    assert theirs is not None and np.isnan(np.asarray(theirs)[1, :, 2:]).all()
+    _random_params(layer := gflax.GroupNorm(4, 2, rngs=nnx.Rngs(0)))  # the parameters _layers_with_mask gave
+    bias = np.asarray(layer.bias[...])
+    np.testing.assert_allclose(np.asarray(ours)[1, :, 2:], np.broadcast_to(bias[2:], (3, 2)), atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(linen))
+    np.testing.assert_allclose(np.asarray(ours)[0], np.asarray(theirs)[0], atol=2e-5)
+
+
+# -- Flax's own tests ----------------------------------------------------------------------------------
+
+
+def test_flax_own_group_norm_tests_pass_with_groupnorm_layers() -> None:
+    """Flax's tests/nnx/nn/normalization_test.py (groupnorm cases) and tests/linen/linen_test.py (GroupNorm
+    cases), unchanged, with ``nnx.GroupNorm`` and ``linen.GroupNorm`` swapped for groupnorm's."""
+    nnx_file, linen_file = require("flax-nnx"), require("flax-linen")
+    result = run_python(str(TESTS / "upstream_check.py"), f"flax-nnx={nnx_file}", f"flax-linen={linen_file}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("UPSTREAM "))
+    results = json.loads(line.removeprefix("UPSTREAM "))
+    for suite, file in (("flax-nnx", nnx_file), ("flax-linen", linen_file)):
+        assert results[suite]["failed"] == {}, "\n\n".join(results[suite]["failed"].values())
+        passed = results[suite]["passed"]
+        # every GroupNorm test method of the file ran (parameterized ones as numbered cases)
+        names = {n for n in _test_methods(file) if "group_norm" in n or "groupnorm" in n}
+        assert names and all(any(p.startswith(n) for p in passed) for n in names), (names, passed)
+    assert len(results["flax-nnx"]["passed"]) >= 16
+    assert any(p.startswith("test_normalization_equivalence") for p in results["flax-linen"]["passed"])
+
+
+def _test_methods(path: Path) -> list[str]:
+    import re
+
+    return re.findall(r"^\s+def (test\w+)\(", path.read_text(), flags=re.MULTILINE)

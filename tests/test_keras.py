@@ -14,8 +14,9 @@ import pytest
 import tensorflow as tf
 
 from groupnorm.backends import keras as keras_backend
-from groupnorm.keras import GroupNormalization
-from support import hard_data, reference_group_norm
+from groupnorm.keras import ArgumentError, GroupNormalization, load_model
+from masked_support import masked_reference, masked_reference_grads
+from support import Config, hard_data, reference_group_norm
 
 assert keras.backend.backend() == "tensorflow"
 
@@ -67,8 +68,44 @@ def test_accepts_every_argument_of_keras_layer_with_same_defaults() -> None:
     for name, param in theirs.items():
         assert name in ours, name
         assert ours[name].default == param.default, name
-    config = GroupNormalization().get_config()
-    assert set(keras.layers.GroupNormalization().get_config()) <= set(config)
+
+
+#: Keras's arguments, set to other than their defaults (a few at a time)
+KERAS_KWARGS: list[dict[str, Any]] = [
+    {},
+    {"groups": 4, "axis": 1, "epsilon": 1e-5, "center": False},
+    {"groups": -1, "scale": False, "gamma_regularizer": "l2", "beta_constraint": "non_neg"},
+    {"groups": True, "beta_initializer": "random_normal", "gamma_constraint": "unit_norm", "trainable": False},
+    {"groups": 2, "dtype": "mixed_float16"},
+]
+
+
+@pytest.mark.parametrize("kwargs", KERAS_KWARGS)
+def test_default_config_equals_keras_layers_and_each_loads_the_other(kwargs: dict[str, Any]) -> None:
+    ours = GroupNormalization(name="gn", **kwargs)
+    theirs = keras.layers.GroupNormalization(name="gn", **kwargs)
+    assert ours.get_config() == theirs.get_config()
+    assert keras.layers.GroupNormalization.from_config(ours.get_config()).get_config() == theirs.get_config()
+    assert GroupNormalization.from_config(theirs.get_config()).get_config() == ours.get_config()
+
+
+@pytest.mark.parametrize(
+    ("extra", "value", "stored"),
+    [
+        ("reduction_axes", (1,), [1]),
+        ("reduction_axes", (), []),
+        ("reduction_axes", 2, 2),
+        ("activation", "silu", "silu"),
+        ("activation", "tanh", "tanh"),
+        ("mean_close_to_zero", True, True),
+    ],
+)
+def test_own_arguments_appear_in_config_only_when_set(extra: str, value: Any, stored: Any) -> None:
+    config = GroupNormalization(groups=4, name="gn", **{extra: value}).get_config()
+    base = keras.layers.GroupNormalization(groups=4, name="gn").get_config()
+    assert {k: v for k, v in config.items() if k != extra} == base
+    assert config[extra] == stored
+    assert GroupNormalization.from_config(config).get_config() == config
 
 
 @pytest.mark.parametrize(
@@ -169,10 +206,28 @@ def test_drop_in_loads_weights_saved_with_keras_layer(tmp_path: Path) -> None:
     x = hard_data((2, 6, 6, 3), -1, 1.0)
     np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), atol=1e-5)
     # a whole .keras model saved with Keras's layer loads with ours swapped in
-    swapped = keras.models.load_model(
+    swapped = load_model(str(tmp_path / "m.keras"))
+    assert [type(la) for la in swapped.layers if "group" in la.name] == [GroupNormalization] * 2
+    np.testing.assert_allclose(swapped.predict(x, verbose=0), theirs.predict(x, verbose=0), atol=1e-5)
+    # without load_model, Keras resolves its built-in layer first, whatever custom_objects say
+    plain = keras.models.load_model(
         str(tmp_path / "m.keras"), custom_objects={"GroupNormalization": GroupNormalization}
     )
-    np.testing.assert_allclose(swapped.predict(x, verbose=0), theirs.predict(x, verbose=0), atol=1e-5)
+    assert type(plain.layers[2]) is keras.layers.GroupNormalization
+
+
+def test_keras_layer_loads_weights_and_models_saved_with_ours(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(2)
+    ours = _model(GroupNormalization)
+    ours.save_weights(str(tmp_path / "m.weights.h5"))
+    ours.save(str(tmp_path / "m.keras"))
+    theirs = _model(keras.layers.GroupNormalization)
+    theirs.load_weights(str(tmp_path / "m.weights.h5"))
+    x = hard_data((2, 6, 6, 3), -1, 1.0)
+    np.testing.assert_allclose(theirs.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-5)
+    loaded = load_model(str(tmp_path / "m.keras"), keras.layers.GroupNormalization)
+    assert [type(la) for la in loaded.layers if "group" in la.name] == [keras.layers.GroupNormalization] * 2
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-5)
 
 
 def test_model_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -228,12 +283,85 @@ def test_masking_passes_through() -> None:
     assert normed._keras_mask is not None  # type: ignore[attr-defined]
 
 
+def test_keras_mask_of_timesteps_is_used_for_the_statistics(tmp_path: Path) -> None:
+    """A Masking layer's mask (batch, time) reaches call(); statistics skip the masked timesteps; so
+    too after saving and loading the model."""
+    x = hard_data((3, 6, 8), -1, 2.0, seed=1)
+    x[0, 4:] = 0.0  # padding: Masking(0.0) masks these timesteps
+    x[2, 1] = 0.0
+    model = keras.Sequential([keras.Input((6, 8)), keras.layers.Masking(0.0), GroupNormalization(groups=2)])
+    mask = np.any(x != 0.0, axis=-1)
+    cfg = Config((3, 6, 8), 2, -1, (1,), epsilon=1e-3)
+    want = masked_reference(cfg, x, mask[..., None])["y"]
+    np.testing.assert_allclose(model(x).numpy(), want, atol=2e-5)
+    unmasked = reference_group_norm(x, 2, -1, (1,), epsilon=1e-3)
+    assert np.abs(want - unmasked).max() > 0.1  # the mask matters here
+    model.save(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(keras.models.load_model(str(tmp_path / "m.keras"))(x).numpy(), want, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "mask_shape", "axes", "insert"),
+    [
+        ((2, 4, 5, 8), {"groups": 4}, (2, 4, 5, 8), (1, 2), None),  # full
+        ((2, 4, 5, 8), {"groups": 4}, (2, 4, 5), (1, 2), -1),  # one rank less: per position
+        ((2, 8, 6), {"groups": 2, "axis": 1}, (2, 6), (2,), 1),  # channels first: inserted at axis
+        ((2, 4, 5, 8), {"groups": 2, "activation": "gelu", "reduction_axes": (2,)}, (1, 4, 5, 1), (2,), None),
+    ],
+)
+def test_mask_in_call_against_reference_with_gradients(
+    shape: tuple[int, ...], kwargs: dict[str, Any], mask_shape: tuple[int, ...], axes: tuple[int, ...], insert: Any
+) -> None:
+    layer = GroupNormalization(
+        epsilon=1e-5, gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+    )
+    x = tf.constant(hard_data(shape, kwargs.get("axis", -1), 1e3, seed=2))
+    mask = np.random.default_rng(3).random(mask_shape) < 0.6
+    cot = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, mask=tf.constant(mask))
+        loss = tf.reduce_sum(y * cot)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    full = mask if insert is None else np.expand_dims(mask, insert)
+    cfg = Config(
+        shape, kwargs["groups"], kwargs.get("axis", -1), axes, epsilon=1e-5, activation=kwargs.get("activation")
+    )
+    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
+    np.testing.assert_allclose(y.numpy(), masked_reference(cfg, x.numpy(), full, gamma, beta)["y"], atol=2e-5)
+    want = masked_reference_grads(cfg, x.numpy(), full, cot, gamma, beta)
+    for got, ref in ((dx, want["x"]), (dgamma, want["gamma"]), (dbeta, want["beta"])):
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_mask_in_tf_function_with_dynamic_batch_and_errors() -> None:
+    layer = GroupNormalization(groups=2, epsilon=1e-5)
+    layer.build((None, 5, 4))
+    fn = tf.function(layer.call, input_signature=[tf.TensorSpec([None, 5, 4]), tf.TensorSpec([None, 5], tf.bool)])
+    x = hard_data((3, 5, 4), -1, 1.0, seed=5)
+    mask = np.random.default_rng(6).random((3, 5)) < 0.7
+    cfg = Config((3, 5, 4), 2, -1, (1,), epsilon=1e-5)
+    np.testing.assert_allclose(fn(x, mask).numpy(), masked_reference(cfg, x, mask[..., None])["y"], atol=2e-5)
+    with pytest.raises(ValueError, match="must be None or a boolean array"):
+        layer(x, mask=np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        layer(x, mask=np.ones((3, 4, 4), bool))
+
+
 @pytest.mark.parametrize(
     ("shape", "kwargs", "error", "match"),
     [
         ((None, 4, 4, 8), {"groups": 3}, ValueError, "8 channels is not commensurate with 3 groups."),
+        ((None, 4, 4, 8), {"groups": 3}, ValueError, r"Number of groups \(3\) must be a multiple of the number"),
         ((None, 4, 4, 8), {"groups": 16}, ValueError, "Invalid groups 16 for 8 channels."),
+        ((None, 4, 4, 8), {"groups": 16}, ValueError, r"\(16\) cannot be more than the number of channels \(8\)"),
         ((None, 4, 4, None), {"groups": 2}, ValueError, "undefined channel dimension"),
+        (
+            (None, 4, 4, None),
+            {"groups": 2},
+            ValueError,
+            r"Axis -1 of input tensor should have a defined dimension but the layer received an input with shape",
+        ),
         ((None, 4, 4, 8), {"axis": 4}, ValueError, "Axis is out of bounds."),
         ((None, 4, 4, 8), {"groups": 2, "reduction_axes": (0,)}, ValueError, "undefined dimensions"),
         ((None, 4, 4, 8), {"groups": 2, "reduction_axes": (3,)}, ValueError, "mutually exclusive"),
@@ -249,9 +377,6 @@ def test_contract_errors_at_build(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"groups": 0}, ValueError, "groups must be a positive int"),
-        ({"groups": -2}, ValueError, "groups must be a positive int"),
-        ({"groups": 2.0}, TypeError, "groups must be a positive int"),
         ({"epsilon": -1e-3}, ValueError, "epsilon"),
         ({"mean_close_to_zero": "yes"}, TypeError, "mean_close_to_zero"),
     ],
@@ -259,3 +384,22 @@ def test_contract_errors_at_build(
 def test_argument_errors_at_construction(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         GroupNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("groups", [0, -2, 1.5, 2.0, "32", None, [4]])
+def test_invalid_groups_raise_value_error_as_keras_does(groups: Any) -> None:
+    """Keras raises ValueError ("argument `groups`") for these; so does groupnorm, with the plan's
+    reason, and the class is a TypeError too (as the plan's error for a non-int is)."""
+    with pytest.raises(ValueError, match="argument `groups`"):
+        keras.layers.GroupNormalization(groups=groups)
+    with pytest.raises(ArgumentError, match=r"argument `groups`.*groups must be a positive int") as info:
+        GroupNormalization(groups=groups)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_groups_true_is_one_group_as_in_keras() -> None:
+    x = hard_data((2, 4, 6), -1, 2.0)
+    ours, theirs = GroupNormalization(groups=True), keras.layers.GroupNormalization(groups=True)
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), atol=2e-5)
+    np.testing.assert_allclose(ours(x).numpy(), reference_group_norm(x, 1, -1, (1,), epsilon=1e-3), atol=2e-5)
+    assert ours.get_config()["groups"] is True

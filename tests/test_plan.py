@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import groupnorm
-from groupnorm._plan import make_plan, resolve_activation
+from groupnorm._plan import MaskError, check_mask, make_plan, resolve_activation
 
 
 def plan(shape=(2, 4, 4, 8), dtype="float32", **kwargs):
@@ -179,3 +179,35 @@ def test_docstring_example():
 
     failures, tried = doctest.testmod(groupnorm._api, raise_on_error=False, verbose=False)
     assert tried > 0 and failures == 0
+
+
+# -- masks ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 4, 8), (4, 4, 8), (8,), (1,), (), (2, 1, 4, 1), (None, 4, 1, 8), (4, None, 1)]
+)
+def test_masks_that_broadcast_are_accepted(shape):
+    check_mask(plan(), shape, "bool")
+
+
+def test_masks_against_dynamic_input_dims_are_left_to_run_time():
+    check_mask(plan(shape=(None, 4, 4, 8)), (3, 4, 4, 8), "bool")
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "phrase"),
+    [
+        ((2, 4, 4, 8), "int32", "must be None or a boolean array, got dtype int32"),
+        ((2, 4, 4, 8), "float32", "must be None or a boolean array"),
+        (None, "bool", "mask has undefined rank"),
+        ((2, 4, 4, 4), "bool", r"mask of shape \[2, 4, 4, 4\] does not broadcast to the input's shape \[2, 4, 4, 8\]"),
+        ((3, 1, 1, 1), "bool", "does not broadcast"),
+        ((1, 2, 4, 4, 8), "bool", "does not broadcast"),
+    ],
+)
+def test_mask_errors_are_both_value_and_type_errors(shape, dtype, phrase):
+    with pytest.raises(MaskError, match=phrase) as info:
+        check_mask(plan(), shape, dtype)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, TypeError)

@@ -97,6 +97,7 @@ def group_norm(
     epsilon: float = 1e-6,
     activation_fn: Activation = None,
     mean_close_to_zero: bool = False,
+    mask: Any = None,
 ) -> ArrayT:
     """Group normalization with the semantics of TensorFlow 1.15's ``tf.contrib.layers.group_norm``.
 
@@ -118,10 +119,17 @@ def group_norm(
             ``"gelu"`` (exact, erf form), which backends fuse.
         mean_close_to_zero: ``False`` (default) uses a numerically stable variance; ``True`` one-pass
             sums (as TF 1.15 did, faster where the mean is small against the spread), clamped at zero.
+        mask: ``None``, or a boolean array that broadcasts to the input's shape: the statistics then
+            run over the elements where it is true only, and every element is normalized with them
+            (Flax's semantics). A group with no unmasked element normalizes to zero (its outputs are
+            ``beta``, through the activation) and passes no gradient to the input. The mask may be
+            of any array type the input's library converts (a NumPy array for a tensor, say).
 
     Raises:
         TypeError: for an unsupported array type, a non-floating input, or arguments of the wrong type.
         ValueError: for the contract's errors (see the README), before any computation.
+        MaskError: (both a ValueError and a TypeError) for a mask that is not boolean or does not
+            broadcast to the input.
 
     Example: an NHWC batch of 2 images, 4 x 4 pixels, 6 channels in 3 groups. Each statistic runs
     over one image's 4 x 4 pixels and 2 channels (32 values); the batch axis is kept.
@@ -152,4 +160,8 @@ def group_norm(
         mean_close_to_zero=mean_close_to_zero,
     )
     activation = resolve_activation(activation_fn)
+    if mask is not None:
+        from groupnorm import _masked
+
+        return cast(ArrayT, _masked.execute(plan, inputs, mask, gamma, beta, activation, backend.NAME))
     return cast(ArrayT, backend.execute(plan, inputs, gamma, beta, activation))

@@ -31,7 +31,9 @@ __all__ = [
     "ACTIVATIONS",
     "FLOAT_DTYPES",
     "Activation",
+    "MaskError",
     "Plan",
+    "check_mask",
     "make_plan",
     "resolve_activation",
 ]
@@ -400,3 +402,25 @@ def resolve_activation(activation: object) -> Activation:
         f"activation must be None, a callable or one of {', '.join(ACTIVATIONS)}; "
         f"got {activation!r} of type {type(activation).__name__}."
     )
+
+
+class MaskError(ValueError, TypeError):
+    """A mask of the wrong dtype or shape. A ``ValueError``, as NumPy's and JAX's broadcasting and
+    reductions raise for one, and a ``TypeError``, as JAX's reshape of the wrong size raises."""
+
+
+def check_mask(plan: Plan, shape: Sequence[int | None] | None, dtype: str) -> None:
+    """Validate a mask for an input of ``plan``: boolean, and broadcastable to the input's shape (by
+    NumPy's rules: trailing axes aligned, each of size 1 or the input's). Dimensions only known at run
+    time (``None``) are left to the run-time broadcast."""
+    if dtype != "bool":
+        raise MaskError(f"mask must be None or a boolean array, got dtype {dtype}.")
+    if shape is None:
+        raise MaskError("mask has undefined rank.")
+    dims = tuple(shape)
+    fits = len(dims) <= plan.rank and all(
+        m is None or d is None or m in (1, d) for m, d in zip(reversed(dims), reversed(plan.shape), strict=False)
+    )
+    if not fits:
+        shown, input_shape = list(dims), list(plan.shape)
+        raise MaskError(f"mask of shape {shown} does not broadcast to the input's shape {input_shape}.")

@@ -1,5 +1,6 @@
 """groupnorm for Flax: a drop-in for ``flax.nnx.GroupNorm`` (here) and for ``flax.linen.GroupNorm``
-(:mod:`groupnorm.flax.linen`), and the functional :func:`group_norm` with statistics across devices.
+(:mod:`groupnorm.flax.linen`), and the functional :func:`group_norm` with statistics across devices
+and masks.
 
 Swapping ``nnx.GroupNorm`` for ``groupnorm.flax.GroupNorm`` keeps every constructor argument, default and
 parameter name (``scale``, ``bias``), so existing models and their saved parameters keep working. What
@@ -11,30 +12,58 @@ changes:
   channel axis may be listed or not: its group's channels are always reduced over.
 - New arguments from groupnorm's contract: ``channels_axis`` (NCHW and other layouts), ``activation``
   (``"relu"``, ``"silu"``, ``"gelu"``, fused, or any callable) and ``mean_close_to_zero``.
+- ``mask`` (Flax's semantics: statistics over the unmasked elements, every element normalized with
+  them) keeps the stable numerics; it may be any boolean array that broadcasts to the input; a group
+  with no unmasked element normalizes to zero where Flax's gives NaN; and with ``axis_name`` the
+  statistics are those of all devices' unmasked elements together (Flax averages each device's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from groupnorm import _masked
+from groupnorm._api import Backend, plan_for
 from groupnorm._plan import Activation, make_plan, resolve_activation
-from groupnorm.backends.jax import group_norm
+from groupnorm.backends import jax as jax_backend
 
-__all__ = ["GroupNorm", "group_norm"]
+__all__ = ["ArgumentError", "GroupNorm", "group_norm"]
 
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
 
 
-def resolve_groups(num_features: int | None, num_groups: int | None, group_size: int | None) -> int:
-    """Flax's ``num_groups`` / ``group_size`` pair as a number of groups (the plan validates it)."""
+class ArgumentError(ValueError, TypeError):
+    """Invalid groups: a ``ValueError``, as Flax raises, that is also the ``TypeError`` groupnorm's plan
+    raises for groups of the wrong type."""
+
+
+def check_groups(channels: int, groups: Any) -> None:
+    """The plan's check of ``groups`` for ``channels`` channels, its error worded as Flax's too."""
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 0:
+        make_plan((channels,), "float32", groups=groups, channels_axis=0, reduction_axes=())  # the plan's error
+        return
+    try:
+        make_plan((channels,), "float32", groups=groups, channels_axis=0, reduction_axes=())
+    except (TypeError, ValueError) as error:
+        raise ArgumentError(
+            f"{error} Number of groups ({groups}) does not divide the number of channels ({channels})."
+        ) from error
+
+
+def resolve_groups(
+    num_features: int | None, num_groups: int | None, group_size: int | None, noun: str = "features"
+) -> int:
+    """Flax's ``num_groups`` / ``group_size`` pair as a number of groups (the plan validates it);
+    ``noun`` names the channels as Flax's error does (NNX: features, Linen: channels)."""
     if (num_groups is None) == (group_size is None):
         raise ValueError(
             "Either `num_groups` or `group_size` should be specified. If `group_size` is to be specified, "
@@ -45,7 +74,7 @@ def resolve_groups(num_features: int | None, num_groups: int | None, group_size:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}.")
     if num_features is not None and num_features % group_size:
-        raise ValueError(f"Number of features ({num_features}) is not multiple of the group size ({group_size}).")
+        raise ValueError(f"Number of {noun} ({num_features}) is not multiple of the group size ({group_size}).")
     return max(1, (num_features or 0) // group_size)
 
 
@@ -68,6 +97,67 @@ def contract_axes(ndim: int, channels_axis: int, reduction_axes: int | Sequence[
     return tuple(a for a in axes if not names_channel(a))
 
 
+def group_norm(
+    inputs: Any,
+    groups: int = 32,
+    channels_axis: int = -1,
+    reduction_axes: int | Sequence[int] = (-3, -2),
+    *,
+    gamma: Any = None,
+    beta: Any = None,
+    epsilon: float = 1e-6,
+    activation_fn: Activation = None,
+    mean_close_to_zero: bool = False,
+    axis_name: Hashable = None,
+    axis_index_groups: Any = None,
+    mask: Any = None,
+) -> jax.Array:
+    """:func:`groupnorm.group_norm` for JAX arrays, with statistics across devices and masks together.
+
+    ``axis_name`` names a mapped axis (of ``shard_map`` or ``pmap``) over which the input's groups are
+    sharded, and ``axis_index_groups`` restricts it to subsets of devices, as in ``jax.lax.psum``: the
+    statistics then run over every device's shard (see :func:`groupnorm.backends.jax.group_norm`).
+    ``mask``, a boolean array that broadcasts to the input (this device's shard of it, with
+    ``axis_name``), restricts them to the elements where it is true (see :func:`groupnorm.group_norm`);
+    with ``axis_name`` the counts and sums of all devices are added, so the result is the unsharded one.
+    """
+    if mask is None:
+        return jax_backend.group_norm(
+            inputs,
+            groups,
+            channels_axis,
+            reduction_axes,
+            gamma=gamma,
+            beta=beta,
+            epsilon=epsilon,
+            activation_fn=activation_fn,
+            mean_close_to_zero=mean_close_to_zero,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+    x = jnp.asarray(inputs)
+    plan = plan_for(
+        cast(Backend, jax_backend),
+        x,
+        groups=groups,
+        channels_axis=channels_axis,
+        reduction_axes=reduction_axes,
+        gamma=gamma,
+        beta=beta,
+        epsilon=epsilon,
+        mean_close_to_zero=mean_close_to_zero,
+    )
+    across: _masked.Across = None
+    if axis_name is not None:
+        groups_arg = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
+        across = (
+            partial(jax.lax.psum, axis_name=axis_name, axis_index_groups=groups_arg),
+            partial(jax.lax.pmax, axis_name=axis_name, axis_index_groups=groups_arg),
+        )
+    activation = resolve_activation(activation_fn)
+    return cast(jax.Array, _masked.execute(plan, x, mask, gamma, beta, activation, "jax", across=across))
+
+
 def apply(
     x: jax.Array,
     scale: jax.Array | None,
@@ -81,8 +171,9 @@ def apply(
     mean_close_to_zero: bool,
     axis_name: Hashable,
     axis_index_groups: Any,
+    mask: Any = None,
 ) -> jax.Array:
-    """The layers' shared call: translate Flax's conventions and run the JAX backend."""
+    """The layers' shared call: translate Flax's conventions and run :func:`group_norm`."""
     return group_norm(
         x,
         groups,
@@ -95,12 +186,8 @@ def apply(
         mean_close_to_zero=mean_close_to_zero,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        mask=mask,
     )
-
-
-def reject_mask(mask: Any) -> None:
-    if mask is not None:
-        raise NotImplementedError("groupnorm's GroupNorm does not take a mask; use flax's own GroupNorm for that.")
 
 
 class GroupNorm(nnx.Module):
@@ -138,6 +225,12 @@ class GroupNorm(nnx.Module):
         activation: ``None``, a callable, or ``"relu"``, ``"silu"``, ``"gelu"`` (exact), fused.
         mean_close_to_zero: ``True`` selects one-pass sums of ``x`` and ``x**2`` (clamped at zero),
             accurate only where the mean is small against the spread.
+
+    Raises:
+        ArgumentError: (a ``ValueError`` and a ``TypeError``) for groups that are not a positive int
+            dividing ``num_features``, with Flax's phrase "does not divide the number of channels".
+        ValueError: for the other errors Flax raises (``num_groups`` with ``group_size``, ...) and the
+            contract's (see :func:`groupnorm.group_norm`).
     """
 
     def __init__(
@@ -167,6 +260,7 @@ class GroupNorm(nnx.Module):
     ) -> None:
         groups = resolve_groups(num_features, num_groups, group_size)
         # Validate the groups (and epsilon, activation) now, with the contract's errors.
+        check_groups(num_features, groups)
         make_plan((num_features,), "float32", groups=groups, reduction_axes=(), epsilon=epsilon)
         resolve_activation(activation)
         self.feature_axis = channels_axis
@@ -199,8 +293,13 @@ class GroupNorm(nnx.Module):
         self.mean_close_to_zero = mean_close_to_zero
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalize ``x``; ``mask`` is not supported (it must be ``None``)."""
-        reject_mask(mask)
+        """Normalize ``x``.
+
+        ``mask``: ``None``, or a boolean array that broadcasts to ``x``'s shape; the statistics then run
+        over the elements where it is true only, and every element (masked or not) is normalized with
+        them. A group with no unmasked element normalizes to zero: its outputs are ``bias`` (through
+        the activation), and its input gets no gradient.
+        """
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
@@ -216,4 +315,5 @@ class GroupNorm(nnx.Module):
             mean_close_to_zero=self.mean_close_to_zero,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            mask=mask,
         )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as linen_dtypes
 
 from groupnorm._plan import Activation
-from groupnorm.flax import apply, reject_mask, resolve_groups
+from groupnorm.flax import apply, check_groups, resolve_groups
 
 __all__ = ["GroupNorm"]
 
@@ -54,11 +54,13 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalize ``x``; ``mask`` is not supported (it must be ``None``)."""
-        reject_mask(mask)
+        """Normalize ``x``; ``mask`` as for :class:`groupnorm.flax.GroupNorm`: statistics over the
+        elements where it is true, every element normalized with them."""
         x = jnp.asarray(x)
         channels = x.shape[self.channels_axis] if -x.ndim <= self.channels_axis < x.ndim else None
-        groups = resolve_groups(channels, self.num_groups, self.group_size)
+        groups = resolve_groups(channels, self.num_groups, self.group_size, "channels")
+        if channels is not None:
+            check_groups(channels, groups)
         shape = (channels if channels is not None else 0,)
         scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None
@@ -77,5 +79,6 @@ class GroupNorm(nn.Module):
             mean_close_to_zero=self.mean_close_to_zero,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            mask=mask,
         )
         return y.astype(out_dtype)
