@@ -1,8 +1,8 @@
 """groupnorm's Triton kernels (groupnorm.backends._triton) against float64 references.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on before
-Triton is imported: the cases run in two processes of their own (triton_check.py, started once for the
-module), so that this process and the other test modules keep the ordinary Triton. On a machine with a
+Triton is imported: the cases run in two processes of their own (triton_check.py, started by one test),
+so that this process and the other test modules keep the ordinary Triton. On a machine with a
 CUDA device the GPU tests below run the same cases, and larger ones, on the device.
 """
 
@@ -31,11 +31,8 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, dict[str, Any]]:
+def interpreted_results() -> dict[str, dict[str, Any]]:
     """Every case's results from Triton's interpreter, from two processes running side by side."""
-    if not _triton.HAVE_TRITON:
-        pytest.skip("Triton is not installed")
     names = list(CASES)
     env = dict(os.environ, TRITON_INTERPRET="1", GROUPNORM_TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
@@ -69,19 +66,37 @@ def check_result(result: dict[str, Any]) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(CASES))
-def test_interpreted_case_matches_float64(interpreted: dict[str, dict[str, Any]], name: str) -> None:
-    check_result(interpreted[name])
+def test_interpreted_cases_match_float64() -> None:
+    """All cases in one test (one pair of processes, also under pytest-xdist); every failing case is named."""
+    results = interpreted_results()
+    assert sorted(results) == sorted(CASES)
+    failures = []
+    for name, result in results.items():
+        try:
+            check_result(result)
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
 
 
-@needs_triton
-def test_split_cases_span_several_chunks_and_tiles(interpreted: dict[str, dict[str, Any]]) -> None:
-    """The split cases do split: groups over several chunks, chunks over several tiles, a ragged last chunk."""
-    splits = [r["split"] for r in interpreted.values() if "split" in r]
-    assert len(splits) == sum(case.path == "split" for case in CASES.values())
-    assert any(s["chunks"] > 1 and s["iterations"] > 1 and s["ragged"] for s in splits)
-    assert sum(s["chunks"] > 1 for s in splits) >= len(splits) * 3 // 4
-    assert all(r.get("split") is None for name, r in interpreted.items() if CASES[name].path == "fused")
+def test_split_cases_span_several_chunks_and_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split cases do split: groups over several chunks, chunks over several tiles, ragged last chunks."""
+    from triton_check import SPLIT_SETTINGS, make_input
+
+    for name, value in SPLIT_SETTINGS.items():
+        monkeypatch.setattr(_triton, name, value)
+    splits = []
+    for case in CASES.values():
+        if case.path != "split":
+            continue
+        x = make_input(case, torch.zeros(case.shape, dtype=torch.float64))
+        plan = _plan(x, groups=case.groups, channels_axis=case.channels_axis, reduction_axes=case.reduction_axes)
+        v = _triton._view(plan, x.shape, [x.stride(), _triton._out_strides(x)])
+        assert v is not None and _triton._fused_tile(v) is None
+        sp = _triton._split(v, x)
+        splits.append((sp.chunks, sp.iterations, v.reduced % sp.chunk_rows != 0))
+    assert any(chunks > 1 and iterations > 1 and ragged for chunks, iterations, ragged in splits)
+    assert sum(chunks > 1 for chunks, _, _ in splits) >= len(splits) * 3 // 4
 
 
 def test_every_path_layout_dtype_and_activation_is_covered() -> None:
