@@ -1,4 +1,4 @@
-"""groupnorm's Triton kernels (groupnorm.backends._triton) against float64 references.
+"""groupnorm's Triton kernels (groupnorm.backends.torch._triton) against float64 references.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on before
 Triton is imported: the cases run in two processes of their own (triton_check.py, started by one test),
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from groupnorm._plan import make_plan
-from groupnorm.backends import _triton
+from groupnorm.backends.torch import _triton
 from support import run_python
 from triton_cases import CASES, PATHS
 
@@ -128,7 +128,7 @@ def test_available_on_cpu_only_with_both_interpreter_switches(
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("GROUPNORM_TRITON_INTERPRET", raising=False)
     env = {k: v for k, v in (("GROUPNORM_TRITON_INTERPRET", ours), ("TRITON_INTERPRET", theirs)) if v is not None}
-    code = "import torch; from groupnorm.backends import _triton as t; print(t.available(torch.zeros(2, 4, 3, 3)))"
+    code = "import torch; from groupnorm.backends.torch import _triton as t; print(t.available(torch.zeros(2, 4, 3, 3)))"
     result = run_python("-c", code, **env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [expected]
@@ -223,7 +223,7 @@ def test_importable_without_triton() -> None:
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from groupnorm._plan import make_plan\n"
-        "from groupnorm.backends import _triton as t\n"
+        "from groupnorm.backends.torch import _triton as t\n"
         "x = torch.zeros(2, 4, 3, 3)\n"
         "plan = make_plan(x.shape, 'float32', groups=2, channels_axis=1, reduction_axes=(2, 3))\n"
         "assert not t.HAVE_TRITON and not t.available(x)\n"

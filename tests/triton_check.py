@@ -130,7 +130,7 @@ def run_case(case: Case, device: str = "cpu", settings: dict[str, Any] | None = 
     import torch
 
     from groupnorm._plan import make_plan
-    from groupnorm.backends import _triton
+    from groupnorm.backends.torch import _triton
 
     if settings is None:
         settings = SPLIT_SETTINGS if case.path == "split" else {}

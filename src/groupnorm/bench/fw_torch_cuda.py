@@ -136,7 +136,7 @@ def _candidates(config: Config, device: Any, compile_peer: bool) -> tuple[dict[s
     import torch.nn.functional as F
 
     from groupnorm._plan import make_plan
-    from groupnorm.backends import _triton
+    from groupnorm.backends.torch import _triton
 
     dtype = getattr(torch, config.dtype)
     rank = len(config.shape)

@@ -30,7 +30,7 @@ from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from groupnorm._plan import ACTIVATIONS, Plan, make_plan
-from groupnorm.backends.torch import _composite, _cpu
+from groupnorm.backends.torch import _composite, _cpu, _triton
 
 __all__ = ["plan_of"]
 
@@ -315,6 +315,9 @@ def _forward(
     keep_pre = keep_pre and activation is not None
     if x.numel() == 0:
         return _empty_forward(plan, x, fmt, keep_pre)
+    if x.device.type != "cpu" and _triton.available(x) and _triton.supports(plan, x):
+        out, shift, mean, rstd = _triton.forward(plan, x, weight, bias, activation)
+        return _as(out, x.shape, fmt), x.new_empty(0), shift, mean, rstd  # (its backward recomputes pre)
     found = _cpu.forward(plan, x, weight, bias, activation, keep_pre) if x.device.type == "cpu" else None
     if found is not None:
         out, pre, shift, mean, rstd = found
@@ -357,7 +360,9 @@ def _backward(
     x = _in_format(input, fmt)
     needs = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]))
     found = None
-    if x.numel() and x.device.type == "cpu":
+    if x.numel() and x.device.type != "cpu" and _triton.available(x) and _triton.supports(plan, x):
+        found = _triton.backward(plan, x, weight, bias, activation, shift, mean, rstd, grad_out, needs)
+    elif x.numel() and x.device.type == "cpu":
         found = _cpu.backward(plan, grad_out, x, weight, bias, pre, shift, mean, rstd, activation, needs)
     if found is None:
         if x.numel():
