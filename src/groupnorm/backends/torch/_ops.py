@@ -30,7 +30,7 @@ from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from groupnorm._plan import ACTIVATIONS, Plan, make_plan
-from groupnorm.backends.torch import _composite, _cpu, _triton
+from groupnorm.backends.torch import _composite, _cpu
 
 __all__ = ["plan_of"]
 
@@ -297,6 +297,13 @@ def _stats_shape(plan: Plan, x: torch.Tensor) -> tuple[Any, int]:
     return math.prod(x.shape[a] for a in plan.kept_axes), plan.groups
 
 
+def _gpu(plan: Plan, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this input (imported only for a non-CPU tensor)."""
+    from groupnorm.backends.torch import _triton
+
+    return _triton.available(x) and _triton.supports(plan, x)
+
+
 def _forward(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -315,7 +322,9 @@ def _forward(
     keep_pre = keep_pre and activation is not None
     if x.numel() == 0:
         return _empty_forward(plan, x, fmt, keep_pre)
-    if x.device.type != "cpu" and _triton.available(x) and _triton.supports(plan, x):
+    if x.device.type != "cpu" and _gpu(plan, x):
+        from groupnorm.backends.torch import _triton
+
         out, shift, mean, rstd = _triton.forward(plan, x, weight, bias, activation)
         return _as(out, x.shape, fmt), x.new_empty(0), shift, mean, rstd  # (its backward recomputes pre)
     found = _cpu.forward(plan, x, weight, bias, activation, keep_pre) if x.device.type == "cpu" else None
@@ -360,7 +369,9 @@ def _backward(
     x = _in_format(input, fmt)
     needs = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]))
     found = None
-    if x.numel() and x.device.type != "cpu" and _triton.available(x) and _triton.supports(plan, x):
+    if x.numel() and x.device.type != "cpu" and _gpu(plan, x):
+        from groupnorm.backends.torch import _triton
+
         found = _triton.backward(plan, x, weight, bias, activation, shift, mean, rstd, grad_out, needs)
     elif x.numel() and x.device.type == "cpu":
         found = _cpu.backward(plan, grad_out, x, weight, bias, pre, shift, mean, rstd, activation, needs)
