@@ -113,7 +113,8 @@ def group_norm(
         groups: how many groups to split the channels into; must divide the channel count.
         channels_axis: the channel axis.
         reduction_axes: the axes statistics are accumulated over besides the group's channels.
-        gamma, beta: optional per-channel scale and offset, shape ``[C]``, of the input's array type.
+        gamma: optional per-channel scale, shape ``[C]``, of the input's array type.
+        beta: optional per-channel offset, shape ``[C]``, of the input's array type.
         epsilon: added to the variance; must be >= 0.
         activation_fn: ``None``, a callable applied to the output, or ``"relu"``, ``"silu"`` or
             ``"gelu"`` (exact, erf form), which backends fuse.

@@ -81,9 +81,14 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
         groups: number of groups; ``-1`` for one group per channel (instance normalization).
         axis: the channel axis.
         epsilon: added to the variance.
-        center, scale: create and use ``beta`` / ``gamma``.
-        beta_initializer, gamma_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
-            gamma_constraint: as for Keras's layer.
+        center: create and use ``beta``.
+        scale: create and use ``gamma``.
+        beta_initializer: as for Keras's layer.
+        gamma_initializer: as for Keras's layer.
+        beta_regularizer: as for Keras's layer.
+        gamma_regularizer: as for Keras's layer.
+        beta_constraint: as for Keras's layer.
+        gamma_constraint: as for Keras's layer.
         reduction_axes: the axes statistics run over besides the group's channels; ``None`` for every
             axis but the first and ``axis``. Axes left out are kept (for example, time in video).
         activation: ``None``, ``"relu"``, ``"silu"`` or ``"gelu"`` (exact; fused), or any Keras

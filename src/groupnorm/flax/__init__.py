@@ -206,8 +206,10 @@ class GroupNorm(nnx.Module):
         dtype: the result's dtype (default: promoted from the input and the parameters, as Flax does).
             Statistics always accumulate in at least float32.
         param_dtype: the parameters' dtype.
-        use_bias, use_scale: whether to learn ``bias`` and ``scale`` (shape ``[C]``).
-        bias_init, scale_init: their initializers.
+        use_bias: whether to learn ``bias`` (shape ``[C]``).
+        use_scale: whether to learn ``scale`` (shape ``[C]``).
+        bias_init: ``bias``'s initializer.
+        scale_init: ``scale``'s initializer.
         reduction_axes: the axes statistics run over, as Flax names them: an int or a sequence, with or
             without the channel axis; ``None`` (default) is every axis but the first (the batch).
             Unlike Flax, any subset is allowed (for example ``(1,)``, statistics over time only).
@@ -220,7 +222,8 @@ class GroupNorm(nnx.Module):
             way. Ask for the one-pass sums explicitly with ``mean_close_to_zero=True``.
         promote_dtype: how the input and parameters are promoted to a common dtype, as in Flax.
         rngs: the random number generators for the parameters' initializers.
-        bias_metadata, scale_metadata: metadata for the parameters.
+        bias_metadata: metadata for ``bias``.
+        scale_metadata: metadata for ``scale``.
         channels_axis: the channel axis (default -1, as in Flax; for example ``1`` for NCHW input).
         activation: ``None``, a callable, or ``"relu"``, ``"silu"``, ``"gelu"`` (exact), fused.
         mean_close_to_zero: ``True`` selects one-pass sums of ``x`` and ``x**2`` (clamped at zero),
