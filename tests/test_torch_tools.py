@@ -283,7 +283,10 @@ def test_meta_device_forward_matches_torchs_shapes_and_strides() -> None:
 def test_fake_tensor_mode_matches_torchs_shapes_and_strides() -> None:
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    for make in (lambda: torch.randn(2, 8, 5, 6), lambda: torch.randn(1, 8, 5, 6).to(memory_format=torch.channels_last)):
+    for make in (
+        lambda: torch.randn(2, 8, 5, 6),
+        lambda: torch.randn(1, 8, 5, 6).to(memory_format=torch.channels_last),
+    ):
         real = make().requires_grad_()
         want = nn.GroupNorm(4, 8)(real)
         with FakeTensorMode():

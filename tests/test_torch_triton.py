@@ -128,7 +128,9 @@ def test_available_on_cpu_only_with_both_interpreter_switches(
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("GROUPNORM_TRITON_INTERPRET", raising=False)
     env = {k: v for k, v in (("GROUPNORM_TRITON_INTERPRET", ours), ("TRITON_INTERPRET", theirs)) if v is not None}
-    code = "import torch; from groupnorm.backends.torch import _triton as t; print(t.available(torch.zeros(2, 4, 3, 3)))"
+    code = (
+        "import torch; from groupnorm.backends.torch import _triton as t; print(t.available(torch.zeros(2, 4, 3, 3)))"
+    )
     result = run_python("-c", code, **env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [expected]

@@ -16,7 +16,7 @@ variance, and statistics merged across a ``process_group`` for inputs sharded al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ from groupnorm.backends.torch import _ops
 from groupnorm.backends.torch._composite import ACTIVATION
 
 __all__ = ["GroupNorm", "convert", "group_norm"]
+
+_jit: Any = torch.jit  # (its tracing predicates are not exported for type checkers)
 
 
 def _expanded(p: object) -> bool:
@@ -120,7 +122,7 @@ def group_norm(
     fused = act if isinstance(act, str) else None
     axes = _schema_axes(reduction_axes)
     _check_one_value(input, num_groups, channels_axis, axes)
-    if process_group is not None or torch.jit.is_tracing() or type(num_groups) is not int or not _backend.KERNELS:
+    if process_group is not None or _jit.is_tracing() or type(num_groups) is not int or not _backend.KERNELS:
         plan = _ops.plan_of(input, num_groups, weight, bias, eps, channels_axis, axes, mean_close_to_zero)
         if process_group is not None:
             from groupnorm.backends.torch._distributed import sharded_group_norm
@@ -162,7 +164,7 @@ class GroupNorm(nn.GroupNorm):
         True
     """
 
-    __constants__: ClassVar[list[str]] = [
+    __constants__ = [  # noqa: RUF012  (TorchScript reads it; torch.nn.GroupNorm declares it unannotated)
         *nn.GroupNorm.__constants__,
         "channels_axis",
         "mean_close_to_zero",
@@ -201,7 +203,9 @@ class GroupNorm(nn.GroupNorm):
             if num_groups == 0:
                 raise _ops.GroupNormZeroGroups(f"integer modulo by zero: {e}") from None
             if isinstance(num_channels, int) and isinstance(num_groups, int) and num_channels % num_groups:
-                raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}). {e}")
+                raise ValueError(
+                    f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}). {e}"
+                ) from None
             raise
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.channels_axis = channels_axis
@@ -214,8 +218,8 @@ class GroupNorm(nn.GroupNorm):
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return torch.ops.groupnorm.group_norm(
+        if _jit.is_scripting():
+            return torch.ops.groupnorm.group_norm(  # type: ignore[no-any-return]
                 input, self.num_groups, self.weight, self.bias, self.eps, self.channels_axis,
                 self._reduction_axes, self._activation_name, self.mean_close_to_zero,
             )  # fmt: skip

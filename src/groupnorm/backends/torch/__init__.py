@@ -22,6 +22,8 @@ from groupnorm.backends.torch import _composite, _ops
 
 NAME = "torch"
 
+_jit: Any = torch.jit  # (its tracing predicates are not exported for type checkers)
+
 #: False runs every call as the composite (plain differentiable ``torch`` operations) instead of the
 #: operator, in this process: tests compare the two.
 KERNELS = True
@@ -46,7 +48,7 @@ def run(
 ) -> torch.Tensor:
     """The operator on a validated plan; under ``torch.jit.trace`` the composite, so that traced graphs
     (and the ONNX exporter that reads them) hold plain ``torch`` operations."""
-    if torch.jit.is_tracing() or not KERNELS:
+    if _jit.is_tracing() or not KERNELS:
         _ops._check_params(x, weight, bias)
         return _composite.composite(plan, x, weight, bias, activation)
     out: torch.Tensor = torch.ops.groupnorm.group_norm.default(

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from groupnorm._plan import Plan
-from groupnorm.backends.torch import _build
-from groupnorm.backends.torch import _composite
+from groupnorm.backends.torch import _build, _composite
 
 __all__ = ["backward", "forward", "geometry"]
 
@@ -117,7 +116,7 @@ def forward(
     lib = None if geo is None else _build.load()
     if lib is None or geo is None:
         return None
-    k, a, c, b = geo
+    k = geo[0]
     w, bb = _param(weight), _param(bias)
     shift, mean, rstd = (torch.empty(k, plan.groups) for _ in range(3))
     if x.dtype in _HALF:

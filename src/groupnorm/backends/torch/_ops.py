@@ -104,7 +104,7 @@ def _torch_error(e: Exception, x: torch.Tensor, num_groups: object, weight: Any,
     if isinstance(e, TypeError):
         if "floating-point" in text:
             name = _SCALAR_NAMES.get(x.dtype, str(x.dtype))
-            return GroupNormDtypeError(f'"GroupNormKernelImpl" not implemented for \'{name}\': {text}')
+            return GroupNormDtypeError(f"\"GroupNormKernelImpl\" not implemented for '{name}': {text}")
         if text.startswith("groups must be") and isinstance(num_groups, bool):
             return TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not bool: {text}")
         return e
@@ -163,14 +163,15 @@ def plan_of(
     """The validated plan; ``reduction_axes=None`` means every axis after the channel axis (torch's
     convention). Errors are torch's exception classes (see :func:`_torch_error`)."""
     axes = None if reduction_axes is None else tuple(reduction_axes)
-    key = (
+    key: tuple[Any, ...] = (
         x.shape, x.dtype, num_groups, channels_axis, axes, eps, mean_close_to_zero,
         None if weight is None else weight.shape, None if bias is None else bias.shape,
     )  # fmt: skip
+    cacheable = True
     try:
         plan = _PLANS.get(key)
     except TypeError:  # symbolic sizes do not hash
-        plan, key = None, None
+        plan, cacheable = None, False
     if plan is not None:
         return plan
     ndim = x.dim()
@@ -191,7 +192,7 @@ def plan_of(
         )
     except (ValueError, TypeError) as e:
         raise _torch_error(e, x, num_groups, weight, bias) from None
-    if key is not None:
+    if cacheable:
         if len(_PLANS) > 1024:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -395,7 +396,7 @@ for _name, _kernel in (("forward", _forward), ("backward", _backward)):
     _LIB.impl(f"_{_name}_python", _kernel, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("groupnorm::forward", lib=_LIB)  # type: ignore[misc]
+@torch.library.register_fake("groupnorm::forward", lib=_LIB)
 def _forward_fake(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -417,7 +418,7 @@ def _forward_fake(
     return (out, pre, *(input.new_empty(shape, dtype=work) for _ in range(3)))
 
 
-@torch.library.register_fake("groupnorm::backward", lib=_LIB)  # type: ignore[misc]
+@torch.library.register_fake("groupnorm::backward", lib=_LIB)
 def _backward_fake(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -514,7 +515,7 @@ def _composite_grad(
         inputs = [t for t, w in zip(tensors, wanted, strict=True) if w and t is not None]
         found = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True) if inputs else ())
     grads = []
-    for t, w in zip(tensors, wanted, strict=True):
+    for w in wanted:
         g = next(found) if w else None
         grads.append(input.new_empty(0) if g is None else g)
     return grads[0], grads[1], grads[2]
@@ -539,7 +540,9 @@ def _register() -> None:
         except OSError as e:
             import warnings
 
-            warnings.warn(f"groupnorm: loading {path} failed ({e}); using the exact but slower path", RuntimeWarning)
+            warnings.warn(
+                f"groupnorm: loading {path} failed ({e}); using the exact but slower path", RuntimeWarning, stacklevel=2
+            )
     _LIB.impl("group_norm", _group_norm, "CompositeImplicitAutograd")
     _LIB.impl("forward", _forward_autograd, "Autograd")
 
