@@ -70,28 +70,31 @@ class _Ops:
     def __init__(self, work: type[np.floating[Any]]) -> None:
         self.work = work
 
-    where = staticmethod(np.where)
-    maximum = staticmethod(np.maximum)
-    exp = staticmethod(np.exp)
-    erf = staticmethod(_erf)
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        return np.where(condition, a, b)
 
-    @staticmethod
-    def rsqrt(a: Array) -> Array:
-        return 1 / np.sqrt(a)  # type: ignore[no-any-return]
+    def maximum(self, a: Any, b: Any) -> Any:
+        return np.maximum(a, b)
 
-    @staticmethod
-    def exponent(a: Array) -> Array:
+    def rsqrt(self, a: Any) -> Any:
+        return 1 / np.sqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return np.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return _erf(a)
+
+    def exponent(self, a: Any) -> Any:
         return np.frexp(a)[1]
 
-    def power_of_two(self, e: Array) -> Array:
+    def power_of_two(self, e: Any) -> Any:
         return np.ldexp(self.work(1), e)
 
-    @staticmethod
-    def any(flags: Array) -> bool:
+    def any(self, flags: Any) -> bool:
         return bool(np.any(flags))
 
-    @staticmethod
-    def cond(predicate: bool, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
         return true_fn() if predicate else false_fn()
 
 
@@ -118,7 +121,7 @@ class _Passes:
 
     def per_group(self, per_channel: Array) -> Array:
         """Per-channel values summed over each group's channels."""
-        return per_channel.reshape(self.view.split(per_channel.shape)).sum(axis=self.view.channel + 1)
+        return per_channel.reshape(self.view.split(per_channel.shape)).sum(axis=self.view.channel + 1)  # type: ignore[no-any-return]
 
     def corner_shift(self, unit: Array | None) -> Array:
         view, shape = self.view, self.xv.shape
@@ -182,6 +185,17 @@ def _statistics(plan: Plan, passes: _Passes) -> _Statistics:
     return _Statistics(shift, None if bool(np.all(unit == 1)) else unit, mean, rstd_u, r)
 
 
+def group_statistics(plan: Plan, x: Array) -> N.Stats:
+    """The per-group statistics (:class:`groupnorm._numerics.Stats`) this backend computes for ``x``,
+    in the channel view's per-group shape (for tests and for comparing backends)."""
+    passes = _Passes(plan, x, _work_dtype(x.dtype))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        stats = N.statistics(
+            passes, plan.group_size, plan.epsilon, not plan.mean_close_to_zero, N.limits(plan.dtype), _OPS[passes.work]
+        )
+    return N.Stats(*(np.asarray(s, passes.work) for s in stats))
+
+
 def _param(p: Any, view: ChannelView, work: type[np.floating[Any]]) -> Array | None:
     return None if p is None else np.asarray(p, dtype=work).reshape(view.param_shape())
 
@@ -207,8 +221,8 @@ def execute(plan: Plan, x: Array, gamma: Any, beta: Any, activation: Activation)
     passes = _Passes(plan, x, work)
     st = _statistics(plan, passes)
     g, b = _param(gamma, passes.view, work), _param(beta, passes.view, work)
-    scale, offset = N.output_coefficients(st.mean, st.rstd_u, g, b)
     with np.errstate(invalid="ignore", over="ignore"):
+        scale, offset = N.output_coefficients(st.mean, st.rstd_u, g, b)
         y = _shifted_input(plan, passes, st)
         y *= scale
         y += offset
