@@ -32,7 +32,7 @@ dtype* (:func:`work_dtype`): float64 for float64 input, float32 for float16, bfl
     variance loses only about ``(1 + (mean / std)**2)`` units in the last place -- the *shift's*
     distance from the mean, not the mean's distance from zero.
 
-3. The rescue, for any group whose pass fails these checks (:func:`needs_rescue`)
+3. The rescue, for any group whose pass fails these checks (:func:`passes_checks`)
     * ``var <= BIG`` (false for overflowed, infinite and NaN statistics): squares stay in range.
     * ``var + epsilon >= TINY``: squares of typical deviations are normal numbers (only matters for
       ``epsilon`` below ``TINY``).
@@ -118,9 +118,9 @@ __all__ = [
     "input_gradient",
     "limits",
     "moments",
-    "needs_rescue",
     "normalizer",
     "output_coefficients",
+    "passes_checks",
     "rescue_unit",
     "shift_from_corner",
     "statistics",
@@ -223,8 +223,8 @@ class Ops(Protocol):
         """``2.0 ** e`` in the work dtype for an integer array ``e`` within its normal range."""
         ...
 
-    def any(self, flags: Array) -> Array:
-        """Whether any of ``flags`` is true, as a predicate :meth:`cond` takes."""
+    def all(self, flags: Array) -> Array:
+        """Whether every one of ``flags`` is true, as a predicate :meth:`cond` takes."""
         ...
 
     def cond(self, predicate: Array, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
@@ -274,12 +274,14 @@ def moments(s1: Array, s2: Array, n: int, ops: Ops) -> tuple[Array, Array]:
     return mean, ops.maximum(s2 / n - mean * mean, 0.0)
 
 
-def needs_rescue(mean: Array, var: Array, epsilon: float, shifted: bool, lim: Limits) -> Array:
-    """Step 3's checks: true for every group that the rescue recomputes."""
-    flags = ~(var <= lim.big) | ~(var + epsilon >= lim.tiny)
+def passes_checks(mean: Array, var: Array, epsilon: float, shifted: bool, lim: Limits) -> Array:
+    """Step 3's checks: true for every group whose one-pass statistics stand, false for those the rescue
+    recomputes (NaN fails every comparison). Written without a logical negation, which TensorFlow's graph
+    optimizer would fold into the opposite comparison, wrongly for NaN."""
+    ok = (var <= lim.big) & (var + epsilon >= lim.tiny)
     if shifted:
-        flags = flags | (mean * mean > FAR * var)
-    return flags
+        ok = ok & (mean * mean <= FAR * var)
+    return ok
 
 
 def rescue_unit(biggest: Array, ops: Ops, lim: Limits) -> Array:
@@ -294,26 +296,26 @@ def statistics(passes: Passes, n: int, epsilon: float, shifted: bool, lim: Limit
     shift = passes.corner_shift(None) if shifted else None
     s1, s2 = passes.sums(shift, None)
     mean, var = moments(s1, s2, n, ops)
-    flags = needs_rescue(mean, var, epsilon, shifted, lim)
+    ok = passes_checks(mean, var, epsilon, shifted, lim)
     # ones (and zeros) of the per-group shape and dtype: exact wherever no group is flagged, which is
     # the only case in which ``plain`` is the result
     zero = mean * 0
     plain = Stats(zero if shift is None else shift, zero + 1.0, mean, var)
 
     def rescue() -> Stats:
-        unit = ops.where(flags, rescue_unit(passes.max_abs(), ops, lim), 1.0)
+        unit = ops.where(ok, 1.0, rescue_unit(passes.max_abs(), ops, lim))
         ku = passes.corner_shift(unit)
         centre = ku + passes.centre(ku, unit) / n
         t1, t2 = passes.sums(centre, unit)
         mean_r, var_r = moments(t1, t2, n, ops)
         return Stats(
-            ops.where(flags, centre, plain.shift),
+            ops.where(ok, plain.shift, centre),
             unit,
-            ops.where(flags, mean_r, plain.mean),
-            ops.where(flags, var_r, plain.var),
+            ops.where(ok, plain.mean, mean_r),
+            ops.where(ok, plain.var, var_r),
         )
 
-    return ops.cond(ops.any(flags), rescue, lambda: plain)  # type: ignore[no-any-return]
+    return ops.cond(ops.all(ok), lambda: plain, rescue)  # type: ignore[no-any-return]
 
 
 def normalizer(stats: Stats, epsilon: float, lim: Limits, ops: Ops) -> tuple[Array, Array]:

@@ -91,8 +91,8 @@ class _Ops:
     def power_of_two(self, e: Any) -> Any:
         return np.ldexp(self.work(1), e)
 
-    def any(self, flags: Any) -> bool:
-        return bool(np.any(flags))
+    def all(self, flags: Any) -> bool:
+        return bool(np.all(flags))
 
     def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
         return true_fn() if predicate else false_fn()
