@@ -1,21 +1,26 @@
-"""Keras 3 backend: executes a plan with ``keras.ops``, so it runs on every Keras backend.
+"""Keras 3 backend: executes a plan on every Keras backend.
 
 On the TensorFlow Keras backend, :func:`execute` hands tensors to :mod:`groupnorm.backends.tensorflow`
-(XLA-compiled, with a hand-written gradient) unless ``portable=True``; on JAX, PyTorch and others the
-plan runs as ``keras.ops`` and is differentiated by the backend's autodiff. The numerics are those of
-every groupnorm backend: statistics in float32 (float64 for float64 input), the default mode shifts each
-group by its rough mean before summing, and the output is formed from the shifted input. float32 sums
-are scaled by an exact power of two per group before squaring (chosen from a few elements at the
-group's corner), so spreads beyond the range of float32 squares (about 1.8e19) keep an exact result.
+(XLA-compiled, with a hand-written gradient) and on the JAX Keras backend to
+:mod:`groupnorm.backends.jax` (jit-compiled, with a hand-written derivative), unless ``portable=True``;
+on PyTorch and others the plan runs as ``keras.ops``, differentiated by the backend's autodiff. Every
+path follows :mod:`groupnorm._numerics`: statistics in float32 (float64 for float64 input), each group
+shifted by the mean of its corner, one pass for the sums, the rare groups that need it (values too
+large or too small to square anywhere in the group, a corner unlike its group, NaN or Inf) recomputed
+in exact power-of-two units under ``keras.ops.cond``, the output formed as ``(x * u - K) * scale +
+offset``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
 
+from groupnorm import _numerics as N
 from groupnorm._plan import Activation, Plan
 
 NAME = "keras"
@@ -38,75 +43,142 @@ def dtype_name(x: Any) -> str:
     return str(keras.backend.standardize_dtype(x.dtype))
 
 
-def _activate(name: str | None, y: Any) -> Any:
-    if name is None:
-        return y
-    if name == "relu":
-        return ops.relu(y)
-    if name == "silu":
-        return ops.silu(y)
-    return ops.gelu(y, approximate=False)
+class _Ops:
+    """:class:`groupnorm._numerics.Ops` with ``keras.ops`` (the conditional is ``keras.ops.cond``)."""
+
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.lim = N.limits(work)
+        self.bits = "int64" if work == "float64" else "int32"
+
+    def _like(self, value: Any, other: Any) -> Any:
+        if isinstance(value, int | float):
+            return ops.cast(value, other.dtype if hasattr(other, "dtype") else self.work)
+        return value
+
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        return ops.where(condition, self._like(a, b), self._like(b, a))
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return ops.maximum(a, self._like(b, a))
+
+    def rsqrt(self, a: Any) -> Any:
+        return ops.rsqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return ops.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return ops.erf(a)
+
+    def exponent(self, a: Any) -> Any:
+        lim = self.lim
+        field = ops.right_shift(ops.view(a, self.bits), lim.mantissa_bits)
+        return ops.bitwise_and(field, 2 * lim.exponent_bias + 1) - (lim.exponent_bias - 1)
+
+    def power_of_two(self, e: Any) -> Any:
+        lim = self.lim
+        return ops.view(ops.left_shift(ops.cast(e, self.bits) + lim.exponent_bias, lim.mantissa_bits), self.work)
+
+    def all(self, flags: Any) -> Any:
+        return ops.all(flags)
+
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        return ops.cond(predicate, true_fn, false_fn)
 
 
 def _sum(t: Any, axes: tuple[int, ...]) -> Any:
     return ops.sum(t, axis=axes, keepdims=True)
 
 
-#: how many elements along the innermost reduced axis of the statistics view the corner spans
-_CORNER = 8
+class _Passes:
+    """:class:`groupnorm._numerics.Passes` with ``keras.ops``: sums in the plan's statistics view, the
+    corner in its split view. Shift and unit enter every sum as constants (``stop_gradient``), so that
+    autodiff gives the sums of ``x * u - K`` the derivatives of the mean and the variance."""
 
+    def __init__(self, plan: Plan, x: Any, work: str) -> None:
+        self.plan, self.work = plan, work
+        dims = list(ops.shape(x))
+        self.v = ops.cast(ops.reshape(x, plan.view_shape(dims)), work)
+        self.xs = ops.reshape(x, plan.split_shape(dims))
+        self.axes = plan.view_reduce_axes
+        self.stats_shape = plan.stats_shape(dims)
+        self.group_shape = [1 if a in self.axes else d for a, d in enumerate(plan.view_shape(dims))]
 
-def _power_of_two(deviation: Any) -> tuple[Any, Any]:
-    """``(2**-e, 2**e)`` for ``e`` the binary exponent of each float32 ``deviation >= 0``, clamped to
-    ``[0, 126]`` (so never scaling up, and both factors normal): exact scale factors from the bits."""
-    e = ops.clip(ops.right_shift(ops.view(deviation, "int32"), 23) - 127, 0, 126)
-    down = ops.view(ops.left_shift(127 - e, 23), "float32")
-    up = ops.view(ops.left_shift(127 + e, 23), "float32")
-    return down, up
+    def split(self, per_group: Any) -> Any:
+        return ops.reshape(per_group, self.stats_shape)
+
+    def corner_shift(self, unit: Any) -> Any:
+        plan = self.plan
+        within = plan.channels_axis + 1
+        reduced = [a for a in plan.split_reduce_axes if a != within]
+        static = plan.split_shape(plan.shape)
+        spot = N.corner([int(static[a]) for a in reduced])  # type: ignore[arg-type]  # reduced dims are static
+        rank = len(static)
+        box_index = [slice(None)] * rank
+        first_index = [slice(None)] * rank
+        for a, b in zip(reduced, spot.box, strict=True):
+            box_index[a] = slice(0, b)
+            first_index[a] = slice(0, 1)
+        first_index[within] = slice(0, 1)
+        box = ops.cast(self.xs[tuple(box_index)], self.work)
+        first = box[tuple(first_index)]
+        if unit is not None:
+            u = self.split(unit)
+            box, first = box * u, first * u
+        diff = box - first
+        if not spot.exact:
+            mask_shape = [1] * rank
+            for a, b in zip(reduced, spot.box, strict=True):
+                mask_shape[a] = b
+            mask = ops.reshape(ops.arange(math.prod(spot.box)) < spot.size, mask_shape)
+            diff = ops.where(mask, diff, ops.zeros((), self.work))
+        total = ops.sum(diff, axis=plan.split_reduce_axes, keepdims=True)
+        shift = N.shift_from_corner(first, total, spot.size * plan.group_channels)
+        return ops.stop_gradient(ops.reshape(shift, self.group_shape))
+
+    def _shifted(self, shift: Any, unit: Any) -> Any:
+        d = self.v if unit is None else self.v * ops.stop_gradient(unit)
+        return d if shift is None else d - ops.stop_gradient(shift)
+
+    def sums(self, shift: Any, unit: Any) -> tuple[Any, Any]:
+        d = self._shifted(shift, unit)
+        return _sum(d, self.axes), _sum(ops.square(d), self.axes)
+
+    def centre(self, shift: Any, unit: Any) -> Any:
+        return _sum(self._shifted(shift, unit), self.axes)
+
+    def max_abs(self) -> Any:
+        return ops.stop_gradient(ops.max(ops.abs(self.v), axis=self.axes, keepdims=True))
 
 
 def execute(plan: Plan, x: Any, gamma: Any, beta: Any, activation: Activation, *, portable: bool = False) -> Any:
     """Run a validated plan on a tensor of the current Keras backend; ``gamma``/``beta`` are ``[C]``
-    tensors or variables, or None. ``portable=True`` uses ``keras.ops`` even on TensorFlow."""
-    if not portable and keras.backend.backend() == "tensorflow":
+    tensors or variables, or None. ``portable=True`` uses ``keras.ops`` even on TensorFlow and JAX."""
+    backend = keras.backend.backend()
+    if not portable and backend == "tensorflow":
         from groupnorm.backends import tensorflow as tf_backend
 
         return tf_backend.execute(plan, x, gamma, beta, activation)
+    if not portable and backend == "jax":
+        from groupnorm.backends import jax as jax_backend
+
+        def value(p: Any) -> Any:
+            return None if p is None else ops.convert_to_tensor(p)
+
+        return jax_backend.execute(plan, ops.convert_to_tensor(x), value(gamma), value(beta), activation)
 
     work = "float64" if plan.dtype == "float64" else "float32"
-    dims = list(ops.shape(x))
-    n = float(max(plan.group_size, 1))
-    axes = plan.view_reduce_axes
-    v = ops.cast(ops.reshape(x, plan.view_shape(dims)), work)
-    stats = plan.stats_shape(dims)
-    if plan.mean_close_to_zero:
-        shift = None
-        d = v
-        corner = v[plan.corner_index(len(v.shape), _CORNER)]
-    else:
-        shift = _sum(v, axes) / n
-        d = v - shift
-        corner = v[plan.corner_index(len(v.shape), _CORNER)] - shift
-    epsilon = ops.cast(plan.epsilon, work)
-    if work == "float32":
-        # beyond ~1.8e19 squares overflow float32: sum (x - K) * 2**-e, exactly scaled
-        down, up = _power_of_two(ops.stop_gradient(ops.max(ops.abs(corner), axis=axes, keepdims=True)))
-        d = d * down
-        # eps * 4**-e, kept normal (it underflows for e > ~55, where only a zero variance sees it)
-        epsilon = ops.maximum(epsilon * down * down, min(plan.epsilon, 2.0**-126))
-    mean = _sum(d, axes) / n
-    var = ops.maximum(_sum(ops.square(d), axes) / n - ops.square(mean), 0.0)
-    rstd = ops.rsqrt(var + epsilon)
-    if work == "float32":
-        mean, rstd = mean * up, rstd * down
-    mean, rstd = ops.reshape(mean, stats), ops.reshape(rstd, stats)
-
-    scale = rstd if gamma is None else rstd * ops.reshape(ops.cast(gamma, work), plan.param_shape)
-    offset = -mean * scale
-    if beta is not None:
-        offset = offset + ops.reshape(ops.cast(beta, work), plan.param_shape)
-    xs = ops.cast(ops.reshape(x, plan.split_shape(dims)), work)
-    centered = xs if shift is None else xs - ops.reshape(shift, stats)
-    y = _activate(activation if isinstance(activation, str) else None, centered * scale + offset)
-    out = ops.cast(ops.reshape(y, dims), x.dtype)
+    o = _Ops(work)
+    passes = _Passes(plan, x, work)
+    stats = N.statistics(passes, plan.group_size, plan.epsilon, not plan.mean_close_to_zero, o.lim, o)
+    shift, unit, mean, var = (passes.split(s) for s in stats)
+    shift, unit = ops.stop_gradient(shift), ops.stop_gradient(unit)
+    rstd_u, _ = N.normalizer(N.Stats(shift, unit, mean, var), plan.epsilon, o.lim, o)
+    g = None if gamma is None else ops.reshape(ops.cast(gamma, work), plan.param_shape)
+    b = None if beta is None else ops.reshape(ops.cast(beta, work), plan.param_shape)
+    scale, offset = N.output_coefficients(mean, rstd_u, g, b)
+    centered = ops.cast(passes.xs, work) * unit - shift
+    y = N.activate(activation if isinstance(activation, str) else None, centered * scale + offset, o)
+    out = ops.cast(ops.reshape(y, list(ops.shape(x))), x.dtype)
     return activation(out) if callable(activation) else out

@@ -1,9 +1,11 @@
-"""NumPy backend: executes a plan, and is the project's reference forward and backward pass.
+"""NumPy backend: executes a plan, and is the plain transcription of :mod:`groupnorm._numerics`.
 
 Statistics accumulate in float32 for float16/bfloat16/float32 input and in float64 for float64 input.
-The default (stable) variance shifts each group by its rough mean ``K`` first: ``x - K`` is exact in
-floating point for values near the mean, so the mean and variance of the shifted values lose nothing
-to a large mean, and the output is formed as ``(x - K) * scale + offset`` for the same reason.
+The default (stable) variance shifts each group by the mean ``K`` of its corner (a few elements), takes
+the sums of ``x - K`` in one pass, rescues the rare groups that need it (values too large or too small
+to square, a corner unlike its group, NaN or Inf) in exact power-of-two units, and forms the output as
+``(x * u - K) * scale + offset``. The backward pass (:func:`vjp`) computes those statistics once and
+derives the normalized input, the activation's derivative and every gradient from them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 from numpy.typing import NDArray
 
+from groupnorm import _numerics as N
 from groupnorm._api import Backend, plan_for
 from groupnorm._plan import Activation, Plan, resolve_activation
+from groupnorm.backends._layout import ChannelView, channel_view
 
 NAME = "numpy"
 
@@ -26,58 +30,30 @@ __all__ = ["Gradients", "execute", "forward", "vjp"]
 Array = NDArray[Any]
 
 
+def _refuse(x: object) -> None:
+    """``TypeError`` for the ndarray subclasses whose meaning group normalization would silently drop."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            "group_norm does not take a numpy.ma.MaskedArray: its mask would be ignored. Pass its data, "
+            "numpy.ma.getdata(x), and the elements that count as mask=~numpy.ma.getmaskarray(x)."
+        )
+    if isinstance(x, np.matrix):
+        raise TypeError(
+            "group_norm does not take a numpy.matrix (always 2-D, with matrix semantics for *); pass numpy.asarray(x)."
+        )
+
+
 def is_array(x: object) -> bool:
     return isinstance(x, np.ndarray)
 
 
 def static_shape(x: Array) -> tuple[int | None, ...]:
+    _refuse(x)
     return tuple(x.shape)
 
 
 def dtype_name(x: Array) -> str:
     return str(x.dtype.name)
-
-
-def _work_dtype(dtype: np.dtype[Any]) -> type[np.floating[Any]]:
-    return np.float64 if dtype == np.float64 else np.float32
-
-
-def _statistics(plan: Plan, x: Array, work: type[np.floating[Any]]) -> tuple[Array | None, Array, Array]:
-    """``(shift, mean, rstd)`` in the plan's stats shape: ``mean`` is the mean of ``x - shift``."""
-    xv = x.reshape(plan.view_shape(x.shape))
-    axes = plan.view_reduce_axes
-    n = plan.group_size
-    shift: Array | None
-    with np.errstate(invalid="ignore", over="ignore"):
-        if plan.mean_close_to_zero:
-            shift = None
-            s1 = np.sum(xv, axis=axes, dtype=work, keepdims=True)
-            s2 = np.sum(np.square(xv, dtype=work), axis=axes, keepdims=True)
-        else:
-            shift = np.mean(xv, axis=axes, dtype=work, keepdims=True)
-            d = np.subtract(xv, shift, dtype=work)
-            s1 = np.sum(d, axis=axes, keepdims=True)
-            s2 = np.sum(np.square(d, out=d), axis=axes, keepdims=True)
-        mean = s1 / n
-        var = np.maximum(s2 / n - np.square(mean), 0)
-        rstd = 1 / np.sqrt(var + work(plan.epsilon))
-    stats = plan.stats_shape(x.shape)
-    return (None if shift is None else shift.reshape(stats)), mean.reshape(stats), rstd.reshape(stats)
-
-
-def _exact_statistics(plan: Plan, x: Array) -> tuple[type[np.floating[Any]], tuple[Array | None, Array, Array]]:
-    """The work dtype and :func:`_statistics`; float64 where float32 squares overflowed (rstd 0 or NaN
-    on finite input: values beyond about 1e19), so that the result exists wherever the math has one."""
-    work = _work_dtype(x.dtype)
-    stats = _statistics(plan, x, work)
-    if work is not np.float64 and not bool(np.all(stats[2] > 0)) and bool(np.isfinite(x).all()):
-        work = np.float64
-        stats = _statistics(plan, x, work)
-    return work, stats
-
-
-def _param(p: Any, plan: Plan, work: type[np.floating[Any]]) -> Array | None:
-    return None if p is None else np.asarray(p, dtype=work).reshape(plan.param_shape)
 
 
 def _erf(x: Array) -> Array:
@@ -88,58 +64,177 @@ def _erf(x: Array) -> Array:
     return erf(x)  # type: ignore[no-any-return]
 
 
-def _relu(y: Array) -> None:
-    np.maximum(y, 0, out=y)
+class _Ops:
+    """:class:`groupnorm._numerics.Ops` for NumPy: the conditional is a plain ``if``."""
+
+    def __init__(self, work: type[np.floating[Any]]) -> None:
+        self.work = work
+
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        return np.where(condition, a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return np.maximum(a, b)
+
+    def rsqrt(self, a: Any) -> Any:
+        return 1 / np.sqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return np.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return _erf(a)
+
+    def exponent(self, a: Any) -> Any:
+        return np.frexp(a)[1]
+
+    def power_of_two(self, e: Any) -> Any:
+        return np.ldexp(self.work(1), e)
+
+    def all(self, flags: Any) -> bool:
+        return bool(np.all(flags))
+
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        return true_fn() if predicate else false_fn()
 
 
-def _silu(y: Array) -> None:
-    with np.errstate(over="ignore"):
-        y /= 1 + np.exp(-y)
+_OPS = {np.float32: _Ops(np.float32), np.float64: _Ops(np.float64)}
 
 
-def _gelu(y: Array) -> None:
-    y *= 0.5 * (1 + _erf(y / math.sqrt(2)))
+def _work_dtype(dtype: np.dtype[Any]) -> type[np.floating[Any]]:
+    return np.float64 if dtype == np.float64 else np.float32
 
 
-def _relu_grad(p: Array) -> Array:
-    return (p > 0).astype(p.dtype)
+class _Passes:
+    """:class:`groupnorm._numerics.Passes` over one input in its channel view
+    (:mod:`groupnorm.backends._layout`); per-group values in the view's per-group shape."""
+
+    def __init__(self, plan: Plan, x: Array, work: type[np.floating[Any]]) -> None:
+        self.view = channel_view(plan)
+        self.work = work
+        self.xv = x.reshape(self.view.shape(x.shape))
+        self.axes = self.view.reduced
+
+    def channels(self, per_group: Array) -> Array:
+        """Per-group values repeated for each channel of the group."""
+        return np.repeat(per_group, self.view.group_channels, axis=self.view.channel)
+
+    def per_group(self, per_channel: Array) -> Array:
+        """Per-channel values summed over each group's channels."""
+        return per_channel.reshape(self.view.split(per_channel.shape)).sum(axis=self.view.channel + 1)  # type: ignore[no-any-return]
+
+    def corner_shift(self, unit: Array | None) -> Array:
+        view, shape = self.view, self.xv.shape
+        box = self.xv[view.corner_index(shape)].astype(self.work)
+        first = box[view.first_index()]
+        if unit is not None:
+            box, first = box * self.channels(unit), first * unit
+        diff = box - self.channels(first)
+        mask = view.corner_mask(shape)
+        if mask is not None:
+            diff = np.where(np.array(mask[1]).reshape(mask[0]), diff, 0)
+        total = self.per_group(diff.sum(axis=self.axes, keepdims=True))
+        return N.shift_from_corner(first, total, view.corner(shape).size * view.group_channels)  # type: ignore[no-any-return]
+
+    def _shifted(self, shift: Array | None, unit: Array | None) -> Array:
+        """A fresh array of ``x * unit - shift`` in the work dtype."""
+        if unit is None:
+            if shift is None:
+                return self.xv.astype(self.work)
+            return np.subtract(self.xv, self.channels(shift), dtype=self.work)
+        d = np.multiply(self.xv, self.channels(unit), dtype=self.work)
+        if shift is not None:
+            d -= self.channels(shift)
+        return d
+
+    def _sum(self, t: Array) -> Array:
+        return self.per_group(t.sum(axis=self.axes, keepdims=True))
+
+    def sums(self, shift: Array | None, unit: Array | None) -> tuple[Array, Array]:
+        d = self._shifted(shift, unit)
+        s1 = self._sum(d)
+        return s1, self._sum(np.square(d, out=d))
+
+    def centre(self, shift: Array, unit: Array) -> Array:
+        return self._sum(self._shifted(shift, unit))
+
+    def max_abs(self) -> Array:
+        per_channel = np.abs(self.xv).max(axis=self.axes, keepdims=True)
+        return per_channel.reshape(self.view.split(per_channel.shape)).max(axis=self.view.channel + 1).astype(self.work)  # type: ignore[no-any-return]
 
 
-def _silu_grad(p: Array) -> Array:
-    with np.errstate(over="ignore"):
-        s = 1 / (1 + np.exp(-p))
-    return s * (1 + p * (1 - s))  # type: ignore[no-any-return]
+class _Statistics(NamedTuple):
+    """Per-(kept index, channel) statistics in the channel view (see :mod:`groupnorm._numerics`, steps
+    3 and 4): each channel carries its group's values."""
+
+    shift: Array
+    unit: Array | None
+    """``None`` where every group's unit is 1."""
+    mean: Array
+    rstd_u: Array
+    r: Array
 
 
-def _gelu_grad(p: Array) -> Array:
-    cdf = 0.5 * (1 + _erf(p / math.sqrt(2)))
-    return cdf + p * np.exp(-0.5 * p * p) / math.sqrt(2 * math.pi)  # type: ignore[no-any-return]
+def _statistics(plan: Plan, passes: _Passes) -> _Statistics:
+    work = passes.work
+    ops, lim = _OPS[work], N.limits(plan.dtype)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        stats = N.statistics(passes, plan.group_size, plan.epsilon, not plan.mean_close_to_zero, lim, ops)
+        shift, unit, mean, var = (passes.channels(np.asarray(s, work)) for s in stats)
+        rstd_u, r = N.normalizer(N.Stats(shift, unit, mean, var), plan.epsilon, lim, ops)
+    return _Statistics(shift, None if bool(np.all(unit == 1)) else unit, mean, rstd_u, r)
 
 
-_FUSED: dict[str, Callable[[Array], None]] = {"relu": _relu, "silu": _silu, "gelu": _gelu}
-_FUSED_GRAD: dict[str, Callable[[Array], Array]] = {"relu": _relu_grad, "silu": _silu_grad, "gelu": _gelu_grad}
+def group_statistics(plan: Plan, x: Array) -> N.Stats:
+    """The per-group statistics (:class:`groupnorm._numerics.Stats`) this backend computes for ``x``,
+    in the channel view's per-group shape (for tests and for comparing backends)."""
+    passes = _Passes(plan, x, _work_dtype(x.dtype))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        stats = N.statistics(
+            passes, plan.group_size, plan.epsilon, not plan.mean_close_to_zero, N.limits(plan.dtype), _OPS[passes.work]
+        )
+    return N.Stats(*(np.asarray(s, passes.work) for s in stats))
+
+
+def _param(p: Any, view: ChannelView, work: type[np.floating[Any]]) -> Array | None:
+    return None if p is None else np.asarray(p, dtype=work).reshape(view.param_shape())
+
+
+def _shifted_input(plan: Plan, passes: _Passes, st: _Statistics) -> Array:
+    """A fresh array of ``x * u - K`` in the channel view, in the work dtype."""
+    xv, work = passes.xv, passes.work
+    if st.unit is not None:
+        d = np.multiply(xv, st.unit, dtype=work)
+        d -= st.shift
+        return d
+    if plan.mean_close_to_zero and not np.any(st.shift):
+        return xv.astype(work)
+    return np.subtract(xv, st.shift, dtype=work)
 
 
 def execute(plan: Plan, x: Array, gamma: Any, beta: Any, activation: Activation) -> Array:
     """Run a validated plan on a NumPy array; ``gamma``/``beta`` are ``[C]`` array-likes or None."""
+    _refuse(x)
     if x.size == 0:
         return np.empty_like(x)
-    work, (shift, mean, rstd) = _exact_statistics(plan, x)
-    g, b = _param(gamma, plan, work), _param(beta, plan, work)
-    scale = rstd if g is None else rstd * g
-    offset = -mean * scale if b is None else b - mean * scale
-    xs = x.reshape(plan.split_shape(x.shape))
+    work = _work_dtype(x.dtype)
+    passes = _Passes(plan, x, work)
+    st = _statistics(plan, passes)
+    g, b = _param(gamma, passes.view, work), _param(beta, passes.view, work)
     with np.errstate(invalid="ignore", over="ignore"):
-        if shift is None:
-            y = np.multiply(xs, scale, dtype=work)
-        else:
-            y = np.subtract(xs, shift, dtype=work)
-            y *= scale
+        scale, offset = N.output_coefficients(st.mean, st.rstd_u, g, b)
+        y = _shifted_input(plan, passes, st)
+        y *= scale
         y += offset
         if isinstance(activation, str):
-            _FUSED[activation](y)
+            y = N.activate(activation, y, _OPS[work])
     out = y.reshape(x.shape).astype(x.dtype, copy=False)
     return activation(out) if callable(activation) else out
+
+
+def _as_input(inputs: Any) -> Array:
+    _refuse(inputs)
+    return np.asarray(inputs)
 
 
 def forward(
@@ -155,7 +250,7 @@ def forward(
     mean_close_to_zero: bool = False,
 ) -> Array:
     """:func:`groupnorm.group_norm` for anything ``numpy.asarray`` accepts; returns a NumPy array."""
-    x = np.asarray(inputs)
+    x = _as_input(inputs)
     plan = plan_for(
         _SELF,
         x,
@@ -197,8 +292,10 @@ def vjp(
     return dL/d``inputs``, dL/d``gamma`` and dL/d``beta``, each in its argument's dtype.
 
     ``activation_fn`` may be None or a fusable name (``"relu"``, ``"silu"``, ``"gelu"``), not a callable.
+    The forward statistics are computed once; the normalized input, the activation's input and every
+    gradient are formed from them (:mod:`groupnorm._numerics`, step 6).
     """
-    x = np.asarray(inputs)
+    x = _as_input(inputs)
     gamma = None if gamma is None else np.asarray(gamma)
     beta = None if beta is None else np.asarray(beta)
     plan = plan_for(
@@ -215,40 +312,51 @@ def vjp(
     activation = resolve_activation(activation_fn)
     if callable(activation):
         raise TypeError("vjp takes activation_fn as None or one of 'relu', 'silu', 'gelu', not a callable.")
-    dy = np.asarray(cotangent)
+    dy = _as_input(cotangent)
     if dy.shape != x.shape:
         raise ValueError(f"cotangent must have the input's shape {x.shape}, got {dy.shape}.")
 
-    work, stats = (_work_dtype(x.dtype), None) if x.size == 0 else _exact_statistics(plan, x)
-    g, b = _param(gamma, plan, work), _param(beta, plan, work)
-    channel_axes = (plan.channels_axis, plan.channels_axis + 1)
-    other_axes = tuple(a for a in range(plan.rank + 1) if a not in channel_axes)
-    split = plan.split_shape(x.shape)
+    work = _work_dtype(x.dtype)
+    view = channel_view(plan)
+    g, b = _param(gamma, view, work), _param(beta, view, work)
+    if x.size == 0:
+        return Gradients(
+            np.zeros_like(x),
+            None if gamma is None else np.zeros(plan.channels, gamma.dtype),
+            None if beta is None else np.zeros(plan.channels, beta.dtype),
+        )
+    ops = _OPS[work]
+    passes = _Passes(plan, x, work)
+    st = _statistics(plan, passes)
+    axes = view.reduced
+    kept = tuple(a for a in range(view.rank) if a not in axes and a != view.channel)
     with np.errstate(invalid="ignore", over="ignore"):
-        if x.size == 0:
-            xhat = np.zeros(split, work)
-            rstd = np.zeros(plan.stats_shape(x.shape), work)
-        else:
-            assert stats is not None
-            shift, mean, rstd = stats
-            xs = x.reshape(split)
-            centered = np.subtract(xs, shift, dtype=work) if shift is not None else xs.astype(work)
-            xhat = (centered - mean) * rstd
-        dys = dy.reshape(split).astype(work)
+        xhat = _shifted_input(plan, passes, st)
+        xhat -= st.mean
+        xhat *= st.rstd_u
+        grad = dy.reshape(passes.xv.shape).astype(work)
         if activation is not None:
-            pre = xhat * (1 if g is None else g) + (0 if b is None else b)
-            dys = dys * _FUSED_GRAD[activation](pre)
-        dbeta = None if beta is None else dys.sum(axis=other_axes).reshape(-1).astype(beta.dtype)
-        dgamma = None if gamma is None else (dys * xhat).sum(axis=other_axes).reshape(-1).astype(gamma.dtype)
-        dxhat = dys if g is None else dys * g
-        if x.size == 0:
-            dx = dxhat
-        else:
-            axes = plan.split_reduce_axes
-            m1 = dxhat.mean(axis=axes, keepdims=True)
-            m2 = (dxhat * xhat).mean(axis=axes, keepdims=True)
-            dx = rstd * (dxhat - m1 - xhat * m2)
-    return Gradients(dx.reshape(x.shape).astype(x.dtype, copy=False), dgamma, dbeta)
+            pre = xhat if g is None else xhat * g
+            if b is not None:
+                pre = pre + b
+            grad *= N.activation_grad(activation, pre, ops)
+        # per (kept index, channel) sums of g and g * xhat: dbeta and dgamma, and the group means
+        sum_g = grad.sum(axis=axes, keepdims=True)
+        sum_gx = np.multiply(grad, xhat).sum(axis=axes, keepdims=True)
+        gs, gsx = (sum_g, sum_gx) if g is None else (sum_g * g, sum_gx * g)
+        n = plan.group_size
+        m1 = passes.channels(passes.per_group(gs) / n)
+        m2 = passes.channels(passes.per_group(gsx) / n)
+        # dx = r * (gamma * g - m1 - xhat * m2), in place
+        if g is not None:
+            grad *= g
+        grad -= m1
+        xhat *= m2
+        grad -= xhat
+        grad *= st.r
+    dgamma = None if gamma is None else sum_gx.sum(axis=kept).reshape(-1).astype(gamma.dtype)
+    dbeta = None if beta is None else sum_g.sum(axis=kept).reshape(-1).astype(beta.dtype)
+    return Gradients(grad.reshape(x.shape).astype(x.dtype, copy=False), dgamma, dbeta)
 
 
 _SELF = cast(Backend, sys.modules[__name__])

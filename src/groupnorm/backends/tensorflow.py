@@ -5,22 +5,18 @@ size), under ``jit_compile=True``, in ``tf.compat.v1`` graphs and in SavedModels
 float32 for float16/bfloat16/float32 input and in float64 for float64 input.
 
 The computation is one small function per (plan, activation, parameter dtypes), compiled with XLA by
-default (:data:`JIT_COMPILE`), with a hand-written gradient:
+default (:data:`JIT_COMPILE`), with a hand-written gradient, and it follows :mod:`groupnorm._numerics`:
 
-* default mode: a first reduction gives each group's rough mean ``K``; one more reduction gives the sum
-  and the sum of squares of ``x - K`` (exact near the mean, so a large mean loses nothing), and one
-  fused elementwise pass forms ``(x - K) * scale + offset`` with per-channel ``scale = rstd * gamma``,
-  ``offset = beta - mean(x - K) * scale``, then the fused activation.
-* ``mean_close_to_zero``: the same without the shift (one reduction pass), variance clamped at zero.
-* float32 statistics beyond the range of float32 squares (spreads above about 1.8e19): before squaring,
-  the summed values are scaled by a power of two ``2**-e`` per group, ``e >= 0`` the exponent of the
-  largest ``|x - K|`` (``|x|`` for ``mean_close_to_zero``) among a few elements at the group's corner.
-  The scaling is exact, so ordinary data gives the same statistics as without it; the mean is scaled
-  back and ``rstd = rsqrt(var_s + eps * 4**-e) * 2**-e``, which never forms the overflowing variance.
-* gradient: two reductions per (kept index, channel) -- of ``dy`` and of ``dy * xhat`` -- give the
+* statistics: each group's shift ``K`` is the mean of its corner (a few elements); one reduction pass
+  gives the sum and the sum of squares of ``x - K``; groups whose statistics fail the checks (values
+  too large or too small to square, anywhere in the group; a corner unlike its group; NaN or Inf) are
+  recomputed in exact power-of-two units inside a ``tf.cond`` that runs only when some group needs it,
+  and selected group by group, so the rescue works in graphs and under XLA alike.
+* output: one fused elementwise pass, ``(x * u - K) * scale + offset`` with per-channel ``scale`` and
+  ``offset``, then the fused activation.
+* gradient: two reductions per (kept index, channel) -- of ``g`` and of ``g * xhat`` -- give the
   gradients of ``beta`` and ``gamma`` and the two group means the input gradient needs, which is then one
-  fused elementwise pass, ``rstd * (gamma * dy - m1 - xhat * m2)`` (never ``rstd * rstd``, which
-  underflows where the spread is beyond about 1e19).
+  fused elementwise pass, ``r * (gamma * g - m1 - xhat * m2)``.
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from groupnorm import _numerics as N
 from groupnorm._plan import Activation, Plan
 
 try:
@@ -82,19 +79,51 @@ def _dims(x: tf.Tensor) -> list[Any]:
     return [dynamic[i] if d is None else d for i, d in enumerate(static)]
 
 
-#: how many elements along the innermost reduced axis of the statistics view the corner spans
-_CORNER = 8
-#: float32's smallest normal number, 2**-126
-_F32_TINY = 2.0**-126
+class _Ops:
+    """:class:`groupnorm._numerics.Ops` for TensorFlow (graph-safe: the conditional is ``tf.cond``)."""
 
+    def __init__(self, work: tf.DType) -> None:
+        self.work = work
+        self.lim = N.limits(work.name)
+        self.uint = tf.int64 if work == tf.float64 else tf.int32
 
-def _power_of_two(deviation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(2**-e, 2**e)`` for ``e`` the binary exponent of each float32 ``deviation >= 0``, clamped to
-    ``[0, 126]`` (so never scaling up, and both factors normal): exact scale factors from the bits."""
-    e = tf.clip_by_value(tf.bitwise.right_shift(tf.bitcast(deviation, tf.int32), 23) - 127, 0, 126)
-    down = tf.bitcast(tf.bitwise.left_shift(127 - e, 23), tf.float32)
-    up = tf.bitcast(tf.bitwise.left_shift(127 + e, 23), tf.float32)
-    return down, up
+    @staticmethod
+    def _like(value: Any, other: Any) -> Any:
+        return tf.cast(value, other.dtype) if isinstance(value, int | float) and isinstance(other, tf.Tensor) else value
+
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        a, b = self._like(a, b), self._like(b, a)
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            a, b = tf.constant(a, self.work), tf.constant(b, self.work)
+        return tf.where(condition, a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return tf.maximum(a, self._like(b, a))
+
+    def rsqrt(self, a: Any) -> Any:
+        return tf.math.rsqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return tf.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return tf.math.erf(a)
+
+    def exponent(self, a: Any) -> Any:
+        lim = self.lim
+        field = tf.bitwise.right_shift(tf.bitcast(a, self.uint), lim.mantissa_bits)
+        return tf.bitwise.bitwise_and(field, 2 * lim.exponent_bias + 1) - (lim.exponent_bias - 1)
+
+    def power_of_two(self, e: Any) -> Any:
+        lim = self.lim
+        biased = tf.cast(e, self.uint) + lim.exponent_bias
+        return tf.bitcast(tf.bitwise.left_shift(biased, lim.mantissa_bits), self.work)
+
+    def all(self, flags: Any) -> Any:
+        return tf.reduce_all(flags)
+
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        return tf.cond(predicate, true_fn, false_fn)
 
 
 def _reduce_sums(ts: Sequence[tf.Tensor], axes: Sequence[int], staged: bool) -> list[tf.Tensor]:
@@ -113,35 +142,116 @@ def _reduce_sums(ts: Sequence[tf.Tensor], axes: Sequence[int], staged: bool) -> 
     return [tf.reduce_sum(t, axis=axes, keepdims=True) for t in ts]
 
 
-def _activate(name: str | None, y: tf.Tensor) -> tf.Tensor:
-    if name is None:
-        return y
-    if name == "relu":
-        return tf.nn.relu(y)
-    if name == "silu":
-        return y * tf.sigmoid(y)
-    return 0.5 * y * (1.0 + tf.math.erf(y * (1.0 / math.sqrt(2.0))))
+class _Passes:
+    """:class:`groupnorm._numerics.Passes` over one input: sums in the plan's statistics view, the
+    corner in its split view; per-group values in the statistics view's keepdims shape."""
+
+    def __init__(self, plan: Plan, x: tf.Tensor, work: tf.DType, staged: bool) -> None:
+        self.plan, self.work, self.staged = plan, work, staged
+        dims = _dims(x)
+        self.v = tf.cast(tf.reshape(x, plan.view_shape(dims)), work)
+        self.xs = tf.reshape(x, plan.split_shape(dims))
+        self.split_dims = plan.split_shape(dims)
+        self.axes = plan.view_reduce_axes
+        self.stats_shape = plan.stats_shape(dims)
+        view = plan.view_shape(dims)
+        self.group_shape = [1 if a in self.axes else d for a, d in enumerate(view)]
+
+    def split(self, per_group: tf.Tensor) -> tf.Tensor:
+        """Per-group values shaped to broadcast against the split view."""
+        return tf.reshape(per_group, self.stats_shape)
+
+    def corner_shift(self, unit: tf.Tensor | None) -> tf.Tensor:
+        plan, xs = self.plan, tf.reshape(self.v, self.split_dims)
+        within = plan.channels_axis + 1
+        reduced = [a for a in plan.split_reduce_axes if a != within]
+        rank = len(plan.split_shape(plan.shape))
+        static = plan.split_shape(plan.shape)
+        spot = N.corner([int(static[a]) for a in reduced])  # type: ignore[arg-type]  # reduced dims are static
+        box_index = [slice(None)] * rank
+        first_index = [slice(None)] * rank
+        for a, b in zip(reduced, spot.box, strict=True):
+            box_index[a] = slice(0, b)
+            first_index[a] = slice(0, 1)
+        first_index[within] = slice(0, 1)
+        box = tf.cast(xs[tuple(box_index)], self.work)
+        first = box[tuple(first_index)]
+        if unit is not None:
+            u = self.split(unit)
+            box, first = box * u, first * u
+        diff = box - first
+        if not spot.exact:
+            mask_shape = [1] * rank
+            for a, b in zip(reduced, spot.box, strict=True):
+                mask_shape[a] = b
+            mask = tf.reshape(tf.range(math.prod(spot.box)) < spot.size, mask_shape)
+            diff = tf.where(mask, diff, tf.zeros((), self.work))
+        total = tf.reduce_sum(diff, axis=plan.split_reduce_axes, keepdims=True)
+        shift = N.shift_from_corner(first, total, spot.size * plan.group_channels)
+        return tf.reshape(shift, self.group_shape)
+
+    def _shifted(self, shift: tf.Tensor | None, unit: tf.Tensor | None) -> tf.Tensor:
+        d = self.v if unit is None else self.v * unit
+        return d if shift is None else d - shift
+
+    def sums(self, shift: tf.Tensor | None, unit: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        d = self._shifted(shift, unit)
+        s1, s2 = _reduce_sums([d, tf.square(d)], self.axes, self.staged)
+        return s1, s2
+
+    def centre(self, shift: tf.Tensor, unit: tf.Tensor) -> tf.Tensor:
+        return _reduce_sums([self._shifted(shift, unit)], self.axes, self.staged)[0]
+
+    def max_abs(self) -> tf.Tensor:
+        return tf.reduce_max(tf.abs(self.v), axis=self.axes, keepdims=True)
 
 
-def _activation_grad(name: str, pre: tf.Tensor) -> tf.Tensor:
-    """d activation / d pre-activation."""
-    if name == "relu":
-        return tf.cast(pre > 0, pre.dtype)
-    if name == "silu":
-        s = tf.sigmoid(pre)
-        return s * (1.0 + pre * (1.0 - s))
-    cdf = 0.5 * (1.0 + tf.math.erf(pre * (1.0 / math.sqrt(2.0))))
-    return cdf + pre * tf.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
+def _statistics(plan: Plan, x: tf.Tensor, staged: bool) -> tuple[_Passes, N.Stats]:
+    """The passes over ``x`` and its statistics. Their gradient is written by hand (the mean's is the
+    mean of ``u * dx``, the variance's ``2 * mean((x * u - K - mean) * u * dx)``; shift and unit are
+    constants), so that second-order gradients never differentiate the rescue's ``tf.cond`` (which XLA
+    cannot) and need no pass over the rescue; derivatives beyond the second treat the statistics inside
+    this gradient as constants."""
+    work = _work_dtype(x.dtype)
+    passes = _Passes(plan, x, work, staged)
+    ops = _Ops(work)
+    n = float(max(plan.group_size, 1))
+    # the statistics as stats_of returns them: its gradient reads them from here, not from inside the
+    # tf.cond (a gradient graph that captures a tf.cond's outputs makes TensorFlow differentiate the
+    # tf.cond for the next order, which XLA cannot compile)
+    returned: list[N.Stats] = []
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def stats_of(v: tf.Tensor) -> tuple[tuple[tf.Tensor, ...], Callable[..., tf.Tensor]]:
+        passes.v = v
+        stats = N.statistics(passes, plan.group_size, plan.epsilon, not plan.mean_close_to_zero, ops.lim, ops)
+
+        def grad(*upstream: tf.Tensor | None) -> tf.Tensor:
+            _, _, dmean, dvar = upstream
+            shift, unit, mean = (tf.stop_gradient(s) for s in returned[0][:3])
+            total = tf.zeros_like(mean) if dmean is None else dmean
+            coef = tf.zeros_like(mean) if dvar is None else 2.0 * dvar
+            return (total + coef * (v * unit - shift - mean)) * (unit * (1.0 / n))
+
+        return tuple(stats), grad
+
+    v = passes.v
+    stats = N.Stats(*stats_of(v))
+    returned.append(stats)
+    passes.v = v
+    return passes, stats._replace(shift=tf.stop_gradient(stats.shift), unit=tf.stop_gradient(stats.unit))
+
+
+def group_statistics(plan: Plan, x: Any) -> N.Stats:
+    """The per-group statistics (:class:`groupnorm._numerics.Stats`) this backend computes for ``x``
+    (eagerly; in the statistics view's keepdims shape), for tests and for comparing backends."""
+    return _statistics(plan, tf.convert_to_tensor(x), staged=False)[1]
 
 
 def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, jit: bool) -> Callable[..., tf.Tensor]:
     """The group normalization of ``plan`` as a function of ``(x, *params)`` with its gradient; ``jit``:
     formulated for XLA."""
 
-    def reduce_sum(t: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
-        return _reduce_sums([t], axes, jit)[0]
-
-    reduce_view = plan.view_reduce_axes
     split_reduce = plan.split_reduce_axes
     c = plan.channels_axis
     # per (kept index, channel) sums: every reduced split axis except the within-group one
@@ -150,85 +260,46 @@ def _build(plan: Plan, activation: str | None, has_gamma: bool, has_beta: bool, 
     channel_sum = tuple(a for a in range(plan.rank + 1) if a not in (c, c + 1))
     n = float(max(plan.group_size, 1))
 
-    def statistics(x: tf.Tensor, work: tf.DType) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor]:
-        dims = _dims(x)
-        v = tf.cast(tf.reshape(x, plan.view_shape(dims)), work)
-        stats = plan.stats_shape(dims)
-        if plan.mean_close_to_zero:
-            shift = None
-            d = v
-            corner = v[plan.corner_index(len(v.shape), _CORNER)]
-        else:
-            shift = reduce_sum(v, reduce_view) * (1.0 / n)
-            d = v - shift
-            corner = v[plan.corner_index(len(v.shape), _CORNER)] - shift
-        epsilon = tf.constant(plan.epsilon, work)
-        if work == tf.float32:
-            # beyond ~1.8e19 squares overflow float32: sum (x - K) * 2**-e, exactly scaled
-            deviation = tf.reduce_max(tf.abs(corner), axis=reduce_view, keepdims=True)
-            down, up = _power_of_two(tf.stop_gradient(deviation))
-            d = d * down
-            # eps * 4**-e, kept normal (it underflows for e > ~55, where only a zero variance sees it)
-            epsilon = tf.maximum(epsilon * down * down, min(plan.epsilon, _F32_TINY))
-        s1, s2 = _reduce_sums([d, tf.square(d)], reduce_view, jit)
-        mean = s1 * (1.0 / n)
-        var = tf.maximum(s2 * (1.0 / n) - tf.square(mean), 0.0)
-        rstd = tf.math.rsqrt(var + epsilon)
-        if work == tf.float32:
-            mean, rstd = mean * up, rstd * down
-        return (
-            None if shift is None else tf.reshape(shift, stats),
-            tf.reshape(mean, stats),
-            tf.reshape(rstd, stats),
-        )
-
     def split_params(params: Sequence[tf.Tensor], work: tf.DType) -> tuple[tf.Tensor | None, tf.Tensor | None]:
         it = iter(params)
         gamma = tf.reshape(tf.cast(next(it), work), plan.param_shape) if has_gamma else None
         beta = tf.reshape(tf.cast(next(it), work), plan.param_shape) if has_beta else None
         return gamma, beta
 
-    def prepare(x: tf.Tensor, params: Sequence[tf.Tensor]) -> tuple[Any, ...]:
-        work = _work_dtype(x.dtype)
-        dims = _dims(x)
-        shift, mean, rstd = statistics(x, work)
-        gamma, beta = split_params(params, work)
-        xs = tf.cast(tf.reshape(x, plan.split_shape(dims)), work)
-        centered = xs if shift is None else xs - shift
-        return work, dims, mean, rstd, gamma, beta, centered
-
     def forward(x: tf.Tensor, *params: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
-        work, dims, mean, rstd, gamma, beta, centered = prepare(x, params)
-        scale = rstd if gamma is None else rstd * gamma
-        offset = -mean * scale if beta is None else beta - mean * scale
-        y = tf.reshape(tf.cast(_activate(activation, centered * scale + offset), x.dtype), dims)
+        work = _work_dtype(x.dtype)
+        ops = _Ops(work)
+        dims = _dims(x)
+        passes, stats = _statistics(plan, x, jit)
+        shift, unit, mean, var = (passes.split(s) for s in stats)
+        rstd_u, r = N.normalizer(N.Stats(shift, unit, mean, var), plan.epsilon, ops.lim, ops)
+        gamma, beta = split_params(params, work)
+        scale, offset = N.output_coefficients(mean, rstd_u, gamma, beta)
+        # x * u - K: u is 1 but for rescued groups (exact either way)
+        centered = tf.cast(passes.xs, work) * unit - shift
+        y = tf.reshape(tf.cast(N.activate(activation, centered * scale + offset, ops), x.dtype), dims)
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            dys = tf.cast(tf.reshape(dy, plan.split_shape(dims)), work)
-            xhat = (centered - mean) * rstd
+            g = tf.cast(tf.reshape(dy, plan.split_shape(dims)), work)
+            xhat = (centered - mean) * rstd_u
             if activation is not None:
-                pre = xhat if gamma is None else xhat * gamma
-                if beta is not None:
-                    pre = pre + beta
-                dys = dys * _activation_grad(activation, pre)
-            # per (kept index, channel): sums of dL/dpre and of dL/dpre * xhat
-            a, b = _reduce_sums([dys, dys * xhat], coef_reduce, jit)
+                g = g * N.activation_grad(activation, centered * scale + offset, ops)
+            # per (kept index, channel): sums of g and of g * xhat
+            a, b = _reduce_sums([g, g * xhat], coef_reduce, jit)
             ga = a if gamma is None else a * gamma
             gb = b if gamma is None else b * gamma
             m1 = tf.reduce_sum(ga, axis=c + 1, keepdims=True) * (1.0 / n)
             m2 = tf.reduce_sum(gb, axis=c + 1, keepdims=True) * (1.0 / n)
-            # dx = rstd * (g * dpre - m1 - xhat * m2), one fused pass over dpre and x - K, with
-            # per-group factors that stay in range: the coefficient of x - K itself would be
-            # rstd * rstd * m2, which underflows for spreads beyond ~1e19
             if jit:
-                p = rstd if gamma is None else rstd * gamma
-                t = rstd * m2
-                r = (mean * rstd) * t - rstd * m1
-                dx = dys * p - (centered * rstd) * t + r
+                # dx = r * (gamma * g - m1 - xhat * m2) as one fused pass over g and x * u - K, with
+                # per-group factors (all in range: see groupnorm._numerics, step 6)
+                p = r if gamma is None else r * gamma
+                t = r * m2
+                dx = g * p - (centered * rstd_u) * t + ((mean * rstd_u) * t - r * m1)
             else:
                 # TensorFlow's graph optimizer regroups chains of products by operand size (XLA does
                 # not): here no small factor may multiply two others
-                dx = ((dys if gamma is None else dys * gamma) - m1 - xhat * m2) * rstd
+                dx = N.input_gradient(g if gamma is None else g * gamma, xhat, m1, m2, r)
             dx = tf.reshape(tf.cast(dx, x.dtype), dims)
             grads = [dx]
             if has_gamma:
