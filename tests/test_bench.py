@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 import groupnorm.numpy
-from groupnorm.bench import _report, _runner, add_arguments, fw_numpy
+from groupnorm.bench import _report, _runner, _sweep, add_arguments, fw_numpy
 from groupnorm.bench._command import command_line, spec_from
-from groupnorm.bench._core import FRAMEWORKS, Spec, make_data, reference
+from groupnorm.bench._core import FRAMEWORKS, SWEEPS, Candidate, Spec, Sweep, make_data, reference
 from groupnorm.cli import main
 from support import reference_group_norm
 
@@ -57,7 +58,7 @@ def test_measurement_commands_parse(
 ) -> None:
     args = parse(*argv, "--activation", "silu", "--mode", "forward", "--threads", "1")
     spec = spec_from(args)
-    assert args.threads == 1
+    assert args.threads == [1]
     words = command_line(args).split()
     assert words[:2] == ["groupnorm", "bench"]
     assert parse(*words[2:]) == args  # the recorded command measures the same thing
@@ -344,3 +345,178 @@ def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, str(page), "exec"), {})
+
+
+# ------------------------------------------------------------------------------------------------ --sweep
+
+
+def _fake_run(
+    shape: tuple[int, ...], medians: dict[tuple[str, str, str], float | None], **config: Any
+) -> dict[str, Any]:
+    """A torch run whose candidates took ``medians[(role, variant, mode)]`` seconds (None: failed), made
+    with the runner's own row and comparison code."""
+    spec = Spec(shape, "NCHW", "float32", 32)
+    speed, comparisons = [], []
+    names = {"groupnorm": "groupnorm.torch.GroupNorm", "peer": "torch.nn.GroupNorm", "floor": "copy"}
+    for mode in ("forward", "forward+backward"):
+        floor = medians[("floor", "", "forward")]
+        rows = []
+        for (role, variant, m), median in medians.items():
+            if m != mode and not (role == "floor" and m == "forward"):
+                continue
+            c = Candidate(names[role], role, variant)  # type: ignore[arg-type]
+            t = _runner.Timing(samples=[] if median is None else [median])
+            if median is None:
+                t.error = "RuntimeError: failed"
+            rows.append(_runner._speed_row("torch", mode, c, t, spec, floor))
+        speed += rows
+        comparisons += _runner._compare("torch", mode, rows)
+    cfg = {**spec.describe(), "frameworks": ["torch"], "threads": None, "sweep": "torch", "device": "cpu", **config}
+    return {"command": "groupnorm bench --sweep", "config": cfg, "speed": speed, "comparisons": comparisons}
+
+
+SMALL, LARGE = (2, 32, 8, 8), (1, 128, 16, 16)
+F, FB = "forward", "forward+backward"
+TIMES = {
+    SMALL: {
+        ("groupnorm", "contiguous", F): 2e-6, ("peer", "contiguous", F): 4e-6,
+        ("groupnorm", "channels_last", F): 3e-6, ("peer", "channels_last", F): 3e-6,
+        ("groupnorm", "contiguous", FB): 1e-5, ("peer", "contiguous", FB): 2e-5,
+        ("groupnorm", "channels_last", FB): 1e-5, ("peer", "channels_last", FB): None,
+        ("floor", "", F): 1e-6,
+    },
+    LARGE: {
+        ("groupnorm", "contiguous", F): 9e-6, ("peer", "contiguous", F): 1e-6,
+        ("groupnorm", "channels_last", F): 2e-6, ("peer", "channels_last", F): 8e-6,
+        ("groupnorm", "contiguous", FB): 4e-5, ("peer", "contiguous", FB): 1e-5,
+        ("groupnorm", "channels_last", FB): 3e-5, ("peer", "channels_last", FB): 1e-5,
+        ("floor", "", F): 4e-6,
+    },
+}  # fmt: skip
+
+
+def test_sweep_summary_from_fake_timings() -> None:
+    runs = [_fake_run(shape, times) for shape, times in TIMES.items()]
+    (summary,) = _sweep.summarize(runs)
+    assert summary["framework"] == "torch" and summary["threads"] is None
+    assert (summary["groupnorm"], summary["peer"]) == ("groupnorm.torch.GroupNorm", "torch.nn.GroupNorm")
+    means = {(g["variant"], g["mode"]): (g["ratio"], g["shapes"]) for g in summary["geomeans"]}
+    assert means[("contiguous", F)] == (pytest.approx(math.sqrt(0.5 * 9)), 2)
+    assert means[("channels_last", F)] == (pytest.approx(math.sqrt(1.0 * 0.25)), 2)
+    assert means[("all", F)] == (pytest.approx((0.5 * 9 * 1.0 * 0.25) ** 0.25), 4)
+    assert means[("contiguous", FB)] == (pytest.approx(math.sqrt(0.5 * 4)), 2)
+    assert means[("channels_last", FB)] == (pytest.approx(3.0), 1)  # the small shape's peer failed
+    assert means[("all", FB)] == (pytest.approx((0.5 * 4 * 3) ** (1 / 3)), 3)
+    assert summary["worst_forward_ratio"] == pytest.approx(9.0)
+    assert (summary["worst_forward_shape"], summary["worst_forward_variant"]) == ([1, 128, 16, 16], "contiguous")
+    assert summary["smallest_shape"] == [2, 32, 8, 8]
+    small = {(r["variant"], r["mode"]): r for r in summary["smallest"]}
+    assert len(small) == 4
+    assert small[("contiguous", F)]["groupnorm_median_s"] == 2e-6
+    assert small[("contiguous", F)]["ratio"] == pytest.approx(0.5)
+    assert small[("channels_last", FB)]["ratio"] is None
+    rows = {(tuple(r["shape"]), r["variant"], r["mode"]): r for r in summary["rows"]}
+    assert len(rows) == 8
+    assert rows[(SMALL, "contiguous", F)]["nbytes"] == 2 * 32 * 8 * 8 * 4
+    # time against the copy floor: forward against one copy, forward+backward against 2.5 (five tensors moved)
+    assert rows[(SMALL, "contiguous", F)]["groupnorm_vs_floor"] == pytest.approx(2.0)
+    assert rows[(SMALL, "contiguous", F)]["peer_vs_floor"] == pytest.approx(4.0)
+    assert rows[(SMALL, "contiguous", FB)]["groupnorm_vs_floor"] == pytest.approx(1e-5 / 2.5e-6)
+    assert rows[(LARGE, "channels_last", F)]["groupnorm_vs_floor"] == pytest.approx(0.5)
+    doc = {**_doc(), "runs": [{**r, "accuracy": []} for r in runs], "sweeps": [summary]}
+    for run in doc["runs"]:
+        run["config"] = {**_doc()["runs"][0]["config"], **{k: run["config"][k] for k in ("shape", "sweep", "device")}}
+    assert _report.validate(doc) == []
+    title, headers, table, lines = _report.sweep_table(summary)
+    assert title.startswith("Sweep (torch): groupnorm.torch.GroupNorm / torch.nn.GroupNorm, threads: default")
+    assert headers[:4] == ["shape", "MiB", "contiguous fwd", "contiguous fwd+bwd"]
+    assert table[-1][:4] == ["geomean", "", "2.12", "1.41"]
+    assert table[0][4] == "2.00 / 4.00"
+    assert "worst forward ratio: 9.00 (1x128x16x16, contiguous)" in lines
+    assert "smallest shape 2x32x8x8, contiguous forward: 2 us against 4 us per call (ratio 0.50)" in lines
+
+
+def test_sweep_summaries_are_per_thread_count_and_leave_other_runs_out() -> None:
+    runs = [_fake_run(SMALL, TIMES[SMALL], threads=t) for t in (1, 2)]
+    plain = _fake_run(LARGE, TIMES[LARGE], sweep=None)
+    summaries = _sweep.summarize([*runs, plain])
+    assert [s["threads"] for s in summaries] == [1, 2]
+    assert all(s["smallest_shape"] == [2, 32, 8, 8] and len(s["rows"]) == 4 for s in summaries)
+    assert _sweep.summarize([plain]) == []
+    assert _sweep.geomean([]) is None
+    assert _sweep.geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("budget", "round_s", "repeats", "rounds"),
+    [(None, 5.0, 7, 7), (1.0, 0.3, 7, 3), (10.0, 0.1, 7, 7), (2.0, 0.4, 9, 5), (0.1, 1.0, 7, 3), (0.1, 1.0, 2, 2)],
+)
+def test_rounds_fit_the_budget(budget: float | None, round_s: float, repeats: int, rounds: int) -> None:
+    assert _runner.rounds_within(budget, round_s, repeats) == rounds
+
+
+def test_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(SWEEPS, "torch", Sweep("NCHW", ((2, 32, 4, 4), (1, 64, 2, 3))))
+    argv = ["--sweep", "-f", "torch", "--threads", "1,2", "--repeats", "2", "--warmup", "1", "--min-time", "0"]
+    doc = _run_json(tmp_path, *argv, "--quiet", "--markdown", str(tmp_path / "sweep.md"))
+    printed = capsys.readouterr().out
+    assert len(doc["runs"]) == 4
+    assert [(r["config"]["shape"], r["config"]["threads"]) for r in doc["runs"]] == [
+        ([2, 32, 4, 4], 1), ([2, 32, 4, 4], 2), ([1, 64, 2, 3], 1), ([1, 64, 2, 3], 2)
+    ]  # fmt: skip
+    assert doc["runs"][0]["command"] == (
+        "groupnorm bench --framework torch --repeats 2 --warmup 1 --min-time 0.0 --threads 1,2 --sweep"
+    )
+    for run in doc["runs"]:
+        _assert_all_ok(run["speed"])
+        assert run["config"]["sweep"] == "torch" and run["config"]["layout"] == "NCHW"
+        assert not any("NHWC view" in r["candidate"] for r in run["speed"])  # the sweep times the layer itself
+        assert {r["candidate"] for r in run["speed"] if r["role"] == "floor"} == {
+            "torch.Tensor.copy_ (into a written buffer)"
+        }
+    assert [s["threads"] for s in doc["sweeps"]] == [1, 2]
+    for summary in doc["sweeps"]:
+        assert len(summary["rows"]) == 8 and summary["smallest_shape"] == [1, 64, 2, 3]
+        assert all(r["ratio"] > 0 and r["groupnorm_vs_floor"] > 0 for r in summary["rows"])
+        assert len(summary["geomeans"]) == 6
+    assert "Sweep (torch)" in printed and "geomean" in printed and "worst forward ratio" in printed
+    assert "| geomean |" in (tmp_path / "sweep.md").read_text()
+    merged = tmp_path / "merged.json"
+    assert main(["bench", "--load", str(tmp_path / "bench.json"), "--json", str(merged)]) == 0
+    assert json.loads(merged.read_text())["sweeps"] == doc["sweeps"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sweep", "-f", "keras"], "--sweep has shapes for torch only, not for keras"),
+        (["--sweep", "-f", "torch", "--accuracy"], "--sweep measures speed"),
+        (["-f", "keras", "--threads", "1,2"], "keras take theirs at start-up"),
+    ],
+)
+def test_sweep_and_thread_errors_are_reported_before_running(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", *argv, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_thread_counts_are_usage_errors() -> None:
+    for text in ("0", "1,x", ""):
+        with pytest.raises(SystemExit):
+            parse("--threads", text)
+
+
+def test_a_device_without_a_benchmark_module_is_reported_missing(tmp_path: Path) -> None:
+    doc = _run_json(tmp_path, "-f", "numpy", *TINY, "--device", "cuda", "--mode", "forward")
+    (run,) = doc["runs"]
+    assert run["config"]["device"] == "cuda"
+    (row,) = run["speed"]
+    assert row["status"] == "missing" and "no cuda benchmark for numpy" in row["detail"]
+
+
+def test_documents_written_before_the_sweep_still_load() -> None:
+    saved = Path(__file__).resolve().parents[1] / "docs" / "bench" / "torch.json"
+    doc = json.loads(saved.read_text())
+    assert "sweeps" not in doc and "sweep" not in doc["runs"][0]["config"]
+    assert _report.validate(doc) == []

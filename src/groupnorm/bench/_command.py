@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import groupnorm
-from groupnorm.bench import _report, _runner
-from groupnorm.bench._core import FRAMEWORKS, LAYOUTS, MODES, Spec
+from groupnorm.bench import _report, _runner, _sweep
+from groupnorm.bench._core import DEVICES, FRAMEWORKS, LAYOUTS, MODES, SWEEPS, Spec, make_data
 
 DEFAULT_SHAPE = (8, 32, 32, 64)
 _DEFAULT = ",".join(map(str, DEFAULT_SHAPE))
@@ -38,6 +38,23 @@ def _frameworks(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"frameworks are 'all' or some of {', '.join(FRAMEWORKS)}; got {text!r}")
     return names
+
+
+def _threads(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"threads are positive ints, comma-separated (like 1,2); got {text!r}")
+    return counts
+
+
+#: frameworks whose thread count can change between runs of one process (the others take it at start-up)
+_RUNTIME_THREADS = ("numpy", "torch")
+
+#: seconds of timed rounds per shape, framework and mode that ``--sweep`` aims at (``--budget``)
+SWEEP_BUDGET_S = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,9 +114,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=None,
-        help="threads per framework (default: each framework's own); 1 gives steadier figures on a busy machine",
+        metavar="N[,N..]",
+        help="threads per framework (default: each framework's own); 1 gives steadier figures on a busy machine; "
+        "several (1,2) measure each in turn (torch and numpy only)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of --shape and --layout, measure each framework's list of model shapes (torch: ten "
+        "Stable-Diffusion-like NCHW shapes, 2x32x8x8 to 16x256x64x64) and summarize: geometric means of the "
+        "ratios, the worst forward ratio, the smallest shape's per-call times, time against the copy floor",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fewer timed rounds (at least 3) where --repeats of them would take longer than this, per shape, "
+        f"framework and mode (default: {SWEEP_BUDGET_S:g} with --sweep, no limit without)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the tensors live; other than cpu, a framework needs its own module "
+        "(groupnorm.bench.fw_torch_cuda) and is reported missing without one (default: %(default)s)",
     )
     parser.add_argument(
         "--mean-over-std",
@@ -169,6 +210,9 @@ _MEASURED = (
     "accuracy",
     "speed",
     "threads",
+    "sweep",
+    "budget",
+    "device",
     "mean_over_std",
     "seed",
 )
@@ -200,53 +244,126 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run what ``args`` ask for; returns the JSON document."""
-    spec = spec_from(args)
-    modes = list(MODES) if args.mode == "both" else [args.mode]
-    speed = args.speed or not args.accuracy
-    frameworks: list[str] = list(args.framework)
-    total = (len(frameworks) * len(modes) * (args.repeats + 1) if speed else 0) + (
-        len(frameworks) * len(_runner.ACCURACY_CASES) if args.accuracy else 0
-    )
-    rows: list[dict[str, Any]] = []
-    comparisons: list[dict[str, Any]] = []
-    accuracy: list[dict[str, Any]] = []
-    _runner.set_threads(args.threads)
-    with _progress(total, args.quiet or not sys.stderr.isatty()) as progress:
-        if speed:
-            rows, comparisons = _runner.run_speed(
-                spec,
-                frameworks,
-                modes,
-                warmup=args.warmup,
-                repeats=args.repeats,
-                min_sample_s=args.min_time,
-                seed=args.seed,
-                mean_over_std=args.mean_over_std,
-                progress=progress,
+def _specs(args: argparse.Namespace) -> list[tuple[str | None, Spec, list[str]]]:
+    """(sweep name or None, configuration, frameworks) for every configuration ``args`` ask for."""
+    if not args.sweep:
+        return [(None, spec_from(args), list(args.framework))]
+    out: list[tuple[str | None, Spec, list[str]]] = []
+    for framework in args.framework:
+        sweep = SWEEPS[framework]
+        for shape in sweep.shapes:
+            spec = Spec(
+                shape=shape,
+                layout=sweep.layout,
+                dtype=args.dtype,
+                groups=args.groups,
+                epsilon=args.epsilon,
+                activation=None if args.activation == "none" else args.activation,
+            )
+            groupnorm.make_plan(
+                spec.shape,
+                spec.dtype,
+                groups=spec.groups,
+                channels_axis=spec.channels_axis,
+                reduction_axes=spec.reduction_axes,
+                epsilon=spec.epsilon,
+            )
+            out.append((framework, spec, [framework]))
+    return out
+
+
+def check(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` for what cannot be measured as asked, before anything runs."""
+    if args.sweep:
+        missing = [f for f in args.framework if f not in SWEEPS]
+        if missing:
+            raise ValueError(
+                f"--sweep has shapes for {', '.join(SWEEPS)} only, not for {', '.join(missing)} (pick with -f)"
             )
         if args.accuracy:
-            accuracy = _runner.run_accuracy(spec, frameworks, seed=args.seed, progress=progress)
-    config = {
-        **spec.describe(),
-        "frameworks": frameworks,
-        "modes": modes if speed else [],
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "min_sample_s": args.min_time,
-        "seed": args.seed,
-        "mean_over_std": args.mean_over_std,
-        "threads": args.threads,
-    }
+            raise ValueError("--sweep measures speed; run --accuracy without it")
+    if args.threads and len(args.threads) > 1:
+        fixed = [f for f in args.framework if f not in _RUNTIME_THREADS]
+        if fixed:
+            raise ValueError(
+                "several thread counts need frameworks that change threads while running "
+                f"({', '.join(_RUNTIME_THREADS)}); {', '.join(fixed)} take theirs at start-up: one process per count"
+            )
+    _specs(args)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run what ``args`` ask for; returns the JSON document."""
+    specs = _specs(args)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    speed = args.speed or not args.accuracy
+    thread_counts: list[int | None] = list(args.threads) if args.threads else [None]
+    budget = args.budget if args.budget is not None else (SWEEP_BUDGET_S if args.sweep else None)
+    per_run = sum(
+        (len(fws) * len(modes) * (args.repeats + 1) if speed else 0)
+        + (len(fws) * len(_runner.ACCURACY_CASES) if args.accuracy else 0)
+        for _, _, fws in specs
+    )
+    runs: list[dict[str, Any]] = []
     command = command_line(args)
-    run = {"command": command, "config": config, "speed": rows, "comparisons": comparisons, "accuracy": accuracy}
+    with _progress(per_run * len(thread_counts), args.quiet or not sys.stderr.isatty()) as progress:
+        for sweep, spec, frameworks in specs:
+            data = make_data(spec, mean_over_std=args.mean_over_std, seed=args.seed) if speed else None
+            for threads in thread_counts:
+                _runner.set_threads(threads)
+                rows: list[dict[str, Any]] = []
+                comparisons: list[dict[str, Any]] = []
+                accuracy: list[dict[str, Any]] = []
+                if speed:
+                    rows, comparisons = _runner.run_speed(
+                        spec,
+                        frameworks,
+                        modes,
+                        warmup=args.warmup,
+                        repeats=args.repeats,
+                        min_sample_s=args.min_time,
+                        seed=args.seed,
+                        mean_over_std=args.mean_over_std,
+                        budget_s=budget,
+                        primary_only=bool(sweep),
+                        device=args.device,
+                        data=data,
+                        progress=progress,
+                    )
+                if args.accuracy:
+                    accuracy = _runner.run_accuracy(
+                        spec, frameworks, seed=args.seed, device=args.device, progress=progress
+                    )
+                config = {
+                    **spec.describe(),
+                    "frameworks": frameworks,
+                    "modes": modes if speed else [],
+                    "repeats": args.repeats,
+                    "warmup": args.warmup,
+                    "min_sample_s": args.min_time,
+                    "seed": args.seed,
+                    "mean_over_std": args.mean_over_std,
+                    "threads": threads,
+                    "sweep": sweep,
+                    "device": args.device,
+                }
+                runs.append(
+                    {
+                        "command": command,
+                        "config": config,
+                        "speed": rows,
+                        "comparisons": comparisons,
+                        "accuracy": accuracy,
+                    }
+                )
+            del data
     return {
         "schema": _report.SCHEMA_ID,
         "groupnorm_version": groupnorm.__version__,
         "created": _report.now(),
         "machine": _report.machine(),
-        "runs": [run],
+        "runs": runs,
+        "sweeps": _sweep.summarize(runs),
     }
 
 
@@ -260,7 +377,8 @@ def load(paths: Sequence[str]) -> dict[str, Any]:
         if errors:
             raise ValueError(f"{path} is not a groupnorm bench document: {'; '.join(errors[:5])}")
         docs.append(doc)
-    return {**docs[0], "runs": [run for doc in docs for run in doc["runs"]]}
+    runs = [run for doc in docs for run in doc["runs"]]
+    return {**docs[0], "runs": runs, "sweeps": _sweep.summarize(runs)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     else:
         try:
-            spec_from(args)
+            check(args)
         except (TypeError, ValueError) as e:
             print(f"groupnorm bench: {e}", file=sys.stderr)
             return 2

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "DEVICES",
     "FRAMEWORKS",
     "LAYOUTS",
     "MODES",
+    "SWEEPS",
     "Candidate",
     "Data",
     "Role",
@@ -35,6 +37,43 @@ FRAMEWORKS = {
     "flax": "groupnorm.bench.fw_flax",
 }
 LAYOUTS = ("NHWC", "NCHW")
+#: where the tensors live; a device other than the CPU runs the framework's ``<module>_<device>`` module
+#: (``groupnorm.bench.fw_torch_cuda``), reported as missing where there is none.
+DEVICES = ("cpu", "cuda")
+
+
+def framework_module(framework: str, device: str = "cpu") -> str:
+    """The module of ``framework``'s candidates on ``device``."""
+    return FRAMEWORKS[framework] if device == "cpu" else f"{FRAMEWORKS[framework]}_{device}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The shapes ``--sweep`` measures for one framework, in ``layout`` order."""
+
+    layout: str
+    shapes: tuple[tuple[int, ...], ...]
+
+
+#: framework -> its sweep. torch's: the activations of Stable-Diffusion-like UNets and VAEs (NCHW), from
+#: a tiny one to the 64 MiB ones.
+SWEEPS = {
+    "torch": Sweep(
+        "NCHW",
+        (
+            (2, 32, 8, 8),
+            (1, 128, 16, 16),
+            (2, 320, 64, 64),
+            (2, 640, 32, 32),
+            (2, 1280, 16, 16),
+            (2, 1280, 8, 8),
+            (1, 512, 64, 64),
+            (1, 512, 128, 128),
+            (1, 256, 256, 256),
+            (16, 256, 64, 64),
+        ),
+    ),
+}
 #: "forward" times the forward pass; "forward+backward" the forward pass and the gradient of a scalar
 #: loss ``sum(y * cotangent)`` with respect to the input and the parameters.
 MODES = ("forward", "forward+backward")
@@ -170,21 +209,26 @@ class Candidate:
     train: Callable[[], object] | None = None
     output: Callable[[], Array] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    secondary: bool = False
+    """Another way to call groupnorm on the same input (an NHWC view): left out of ``--sweep``."""
 
 
 Parts = tuple[Callable[[], object] | None, Callable[[], object] | None, Callable[[], Array] | None]
 
 
-def guard(name: str, role: Role, variant: str, layout: str, factory: Callable[[], Parts]) -> Candidate:
+def guard(
+    name: str, role: Role, variant: str, layout: str, factory: Callable[[], Parts], *, secondary: bool = False
+) -> Candidate:
     """A candidate built by ``factory``; reported as missing when an import fails and as an error when
     building fails otherwise, so that one broken implementation never stops the others."""
+    base = Candidate(name, role, variant, layout, secondary=secondary)
     try:
         forward, train, output = factory()
     except ImportError as e:
-        return Candidate(name, role, variant, layout, status="missing", detail=f"{type(e).__name__}: {e}")
+        return replace(base, status="missing", detail=f"{type(e).__name__}: {e}")
     except Exception as e:
-        return Candidate(name, role, variant, layout, status="error", detail=_describe(e))
-    return Candidate(name, role, variant, layout, forward=forward, train=train, output=output)
+        return replace(base, status="error", detail=_describe(e))
+    return replace(base, forward=forward, train=train, output=output)
 
 
 def _describe(e: BaseException) -> str:

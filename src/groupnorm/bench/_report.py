@@ -18,10 +18,12 @@ __all__ = ["SCHEMA", "SCHEMA_ID", "machine", "markdown", "plot", "print_tables",
 SCHEMA_ID = "groupnorm-bench/1"
 
 _ROLES = ("groupnorm", "peer", "floor")
+MODES_ORDER = ("forward", "forward+backward")
 _STATUS = ("ok", "missing", "error")
 
 #: The JSON document, field by field. A type is one of "str", "int", "number", "bool", a ``|null`` of
-#: those, ``list[T]``, a tuple of allowed strings, or a nested dict; ``runs`` is a list of ``_RUN``.
+#: those, ``list[T]``, a tuple of allowed strings, or a nested dict; ``runs`` is a list of ``_RUN``. A key
+#: that ends in ``?`` may be absent (documents written before it existed).
 _SPEED_ROW: dict[str, Any] = {
     "framework": "str",
     "candidate": "str",
@@ -76,6 +78,8 @@ _CONFIG: dict[str, Any] = {
     "seed": "int",
     "mean_over_std": "number",
     "threads": "int|null",
+    "sweep?": "str|null",
+    "device?": "str",
 }
 _RUN: dict[str, Any] = {
     "command": "str",
@@ -83,6 +87,33 @@ _RUN: dict[str, Any] = {
     "speed": [_SPEED_ROW],
     "comparisons": [_COMPARISON],
     "accuracy": [_ACCURACY_ROW],
+}
+_SWEEP_ROW: dict[str, Any] = {
+    "shape": "list[int]",
+    "nbytes": "int",
+    "variant": "str",
+    "mode": ("forward", "forward+backward"),
+    "groupnorm_median_s": "number|null",
+    "peer_median_s": "number|null",
+    "ratio": "number|null",
+    "groupnorm_vs_floor": "number|null",
+    "peer_vs_floor": "number|null",
+}
+_SWEEP: dict[str, Any] = {
+    "sweep": "str",
+    "command": "str",
+    "framework": "str",
+    "threads": "int|null",
+    "device": "str",
+    "groupnorm": "str",
+    "peer": "str",
+    "rows": [_SWEEP_ROW],
+    "geomeans": [{"variant": "str", "mode": ("forward", "forward+backward"), "ratio": "number|null", "shapes": "int"}],
+    "worst_forward_ratio": "number|null",
+    "worst_forward_shape": "list[int]",
+    "worst_forward_variant": "str",
+    "smallest_shape": "list[int]",
+    "smallest": [_SWEEP_ROW],
 }
 SCHEMA: dict[str, Any] = {
     "schema": (SCHEMA_ID,),
@@ -97,6 +128,7 @@ SCHEMA: dict[str, Any] = {
         "versions": "dict[str]",
     },
     "runs": [_RUN],
+    "sweeps?": [_SWEEP],
 }
 
 
@@ -105,12 +137,14 @@ def _check(value: Any, kind: Any, where: str, errors: list[str]) -> None:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected an object, got {type(value).__name__}")
             return
-        for key in kind.keys() - value.keys():
+        fields = {key.rstrip("?"): key for key in kind}
+        required = {name for name, key in fields.items() if not key.endswith("?")}
+        for key in sorted(required - value.keys()):
             errors.append(f"{where}: missing {key!r}")
-        for key in value.keys() - kind.keys():
+        for key in sorted(value.keys() - fields.keys()):
             errors.append(f"{where}: unexpected {key!r}")
-        for key in kind.keys() & value.keys():
-            _check(value[key], kind[key], f"{where}.{key}", errors)
+        for key in sorted(fields.keys() & value.keys()):
+            _check(value[key], kind[fields[key]], f"{where}.{key}", errors)
     elif isinstance(kind, list):
         if not isinstance(value, list):
             errors.append(f"{where}: expected a list, got {type(value).__name__}")
@@ -266,10 +300,79 @@ def _notes(run: dict[str, Any]) -> list[str]:
     return list(seen)
 
 
+_SHORT_MODE = {"forward": "fwd", "forward+backward": "fwd+bwd"}
+
+
+def _us(seconds: float | None) -> str:
+    """A per-call time in us below a millisecond, in ms above."""
+    if seconds is None:
+        return ""
+    return f"{seconds * 1e6:.3g} us" if seconds < 1e-3 else f"{seconds * 1e3:.3g} ms"
+
+
+def sweep_table(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """Title, headers, one row per shape (and one of geometric means), and the summary lines of a sweep."""
+    variants = list(dict.fromkeys(r["variant"] for r in summary["rows"]))
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {
+        ("x".join(map(str, r["shape"])), r["variant"], r["mode"]): r for r in summary["rows"]
+    }
+    headers = ["shape", "MiB"]
+    for v in variants:
+        headers += [f"{v} {_SHORT_MODE[m]}" for m in MODES_ORDER] + [f"{v} fwd x floor (ours / peer)"]
+    rows: list[list[str]] = []
+    for shape in dict.fromkeys("x".join(map(str, r["shape"])) for r in summary["rows"]):
+        first = next(r for r in summary["rows"] if "x".join(map(str, r["shape"])) == shape)
+        row = [shape, f"{first['nbytes'] / 2**20:.3g}"]
+        for v in variants:
+            row += [_fmt(cells.get((shape, v, m), {}).get("ratio"), ".2f") for m in MODES_ORDER]
+            fwd = cells.get((shape, v, "forward"), {})
+            row.append(f"{_fmt(fwd.get('groupnorm_vs_floor'), '.2f')} / {_fmt(fwd.get('peer_vs_floor'), '.2f')}")
+        rows.append(row)
+    means = {(g["variant"], g["mode"]): g for g in summary["geomeans"]}
+    row = ["geomean", ""]
+    for v in variants:
+        row += [_fmt(means.get((v, m), {}).get("ratio"), ".2f") for m in MODES_ORDER] + [""]
+    rows.append(row)
+    lines = []
+    for m in MODES_ORDER:
+        g = means.get(("all", m))
+        if g is not None:
+            lines.append(f"geometric mean {m} over every layout and shape: {_fmt(g['ratio'], '.2f')}")
+    if summary["worst_forward_ratio"] is not None:
+        worst = "x".join(map(str, summary["worst_forward_shape"]))
+        lines.append(
+            f"worst forward ratio: {summary['worst_forward_ratio']:.2f} ({worst}, {summary['worst_forward_variant']})"
+        )
+    for r in summary["smallest"]:
+        lines.append(
+            f"smallest shape {'x'.join(map(str, r['shape']))}, {r['variant']} {r['mode']}: "
+            f"{_us(r['groupnorm_median_s'])} against {_us(r['peer_median_s'])} per call "
+            f"(ratio {_fmt(r['ratio'], '.2f') or 'n/a'})"
+        )
+    device = "" if summary["device"] == "cpu" else f" on {summary['device']}"
+    title = (
+        f"Sweep ({summary['sweep']}){device}: {summary['groupnorm']} / {summary['peer']}, "
+        f"threads: {summary['threads'] or 'default'} (< 1: groupnorm is faster; x floor: time / a copy into a "
+        "written buffer, forward+backward against 2.5 copies)"
+    )
+    return title, headers, rows, lines
+
+
 def print_tables(doc: dict[str, Any], file: TextIO | None = None) -> None:
-    """Print every run's tables, with rich where it is installed."""
+    """Print every run's tables (a sweep's: its summary), with rich where it is installed."""
+    for summary in doc.get("sweeps", []):
+        title, headers, rows, lines = sweep_table(summary)
+        _table(title, headers, rows, file)
+        print("\n".join(lines), file=file or sys.stdout)
     for run in doc["runs"]:
         cfg = run["config"]
+        if cfg.get("sweep"):
+            notes = _notes(run)
+            if notes:
+                print(
+                    "\n".join([f"Not measured ({_shape(cfg)}):", *(f"  {n}" for n in notes)]), file=file or sys.stdout
+                )
+            continue
         title = f"{_shape(cfg)} {cfg['layout']} {cfg['dtype']}, {cfg['groups']} groups" + (
             f", {cfg['activation']}" if cfg["activation"] else ""
         )
@@ -313,8 +416,13 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
 def markdown(doc: dict[str, Any]) -> str:
     """Every run's ratios, timings and accuracy as Markdown tables, headed by the command."""
     out: list[str] = []
+    for summary in doc.get("sweeps", []):
+        title, headers, rows, lines = sweep_table(summary)
+        out += [f"`{summary['command']}`", "", title, "", *_md_table(headers, rows), *(f"- {x}" for x in lines), ""]
     for run in doc["runs"]:
         cfg = run["config"]
+        if cfg.get("sweep"):
+            continue
         head = f"{_title(cfg, dtype=bool(run['speed']))}, threads: {cfg['threads'] or 'default'}"
         out += [f"`{run['command']}`", "", head, ""]
         if run["comparisons"]:

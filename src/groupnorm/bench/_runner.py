@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from groupnorm.bench._core import FRAMEWORKS, Candidate, Data, Spec, describe_error, make_data, reference
+from groupnorm.bench._core import Candidate, Data, Spec, describe_error, framework_module, make_data, reference
 
 __all__ = [
     "ACCURACY_CASES",
@@ -24,6 +24,7 @@ __all__ = [
     "Progress",
     "Timing",
     "build",
+    "rounds_within",
     "run_accuracy",
     "run_speed",
     "time_interleaved",
@@ -50,19 +51,31 @@ class Timing:
         return statistics.median(self.samples) if self.samples else math.nan
 
 
+def rounds_within(budget_s: float | None, round_s: float, repeats: int, min_repeats: int = 3) -> int:
+    """How many timed rounds fit in ``budget_s`` seconds when one round takes ``round_s``: at most
+    ``repeats`` and at least ``min_repeats`` (or ``repeats`` if fewer); ``repeats`` with no budget."""
+    if budget_s is None:
+        return repeats
+    fit = math.floor(budget_s / round_s) if round_s > 0 else repeats
+    return max(min(min_repeats, repeats), min(repeats, fit))
+
+
 def time_interleaved(
     fns: Sequence[Callable[[], object]],
     *,
     warmup: int,
     repeats: int,
     min_sample_s: float,
+    budget_s: float | None = None,
     progress: Progress = _no_progress,
 ) -> list[Timing]:
     """Time ``fns`` side by side: ``warmup`` calls of each (the last one also sizes the samples so that
     one takes at least ``min_sample_s``), then ``repeats`` rounds that time every function once, in an
-    order that rotates from round to round. A function that raises is dropped with its error."""
+    order that rotates from round to round. With ``budget_s``, fewer rounds where ``repeats`` of them would
+    take longer than that (but at least 3). A function that raises is dropped with its error."""
     timings = [Timing() for _ in fns]
     live: list[int] = []
+    round_s = 0.0
     for i, fn in enumerate(fns):
         try:
             elapsed = 0.0
@@ -71,12 +84,14 @@ def time_interleaved(
                 fn()
                 elapsed = time.perf_counter() - start
             timings[i].calls = max(1, min(10_000, math.ceil(min_sample_s / max(elapsed, 1e-9))))
+            round_s += timings[i].calls * elapsed
             live.append(i)
         except Exception as e:
             timings[i].error = describe_error(e)
     progress(1, "warm-up")
     gc.collect()
-    for r in range(repeats):
+    rounds = rounds_within(budget_s, round_s, repeats)
+    for r in range(rounds):
         shift = r % len(live) if live else 0
         for i in live[shift:] + live[:shift]:
             fn, n = fns[i], timings[i].calls
@@ -88,7 +103,8 @@ def time_interleaved(
                     timings[i].samples.append((time.perf_counter() - start) / n)
                 except Exception as e:
                     timings[i].error = describe_error(e)
-        progress(1, f"round {r + 1}/{repeats}")
+        progress(1, f"round {r + 1}/{rounds}")
+    progress(repeats - rounds, f"{rounds} rounds")
     return timings
 
 
@@ -106,9 +122,16 @@ def set_threads(threads: int | None) -> None:
 _THREADS: list[int | None] = [None]
 
 
-def build(framework: str, data: Data) -> list[Candidate]:
+def build(framework: str, data: Data, device: str = "cpu") -> list[Candidate]:
     """The candidates of one framework for ``data``; every one reported, present or not."""
-    module: Any = importlib.import_module(FRAMEWORKS[framework])
+    name = framework_module(framework, device)
+    try:
+        module: Any = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if device == "cpu" or e.name != name:
+            raise
+        detail = f"no {device} benchmark for {framework} ({name} is not there)"
+        return [Candidate(f"{framework} on {device}", "groupnorm", status="missing", detail=detail)]
     if _THREADS[0] is not None:
         with contextlib.suppress(ImportError):
             module.configure(_THREADS[0])
@@ -132,15 +155,22 @@ def run_speed(
     min_sample_s: float,
     seed: int = 0,
     mean_over_std: float = 0.0,
+    budget_s: float | None = None,
+    primary_only: bool = False,
+    device: str = "cpu",
+    data: Data | None = None,
     progress: Progress = _no_progress,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Time every framework's candidates; returns the JSON rows of ``speed`` and ``comparisons``."""
-    data = make_data(spec, mean_over_std=mean_over_std, seed=seed)
+    """Time every framework's candidates; returns the JSON rows of ``speed`` and ``comparisons``.
+    ``budget_s``: seconds of timed rounds per framework and mode (see :func:`time_interleaved`);
+    ``primary_only``: leave out the secondary candidates; ``data``: made from ``spec`` when not given."""
+    if data is None:
+        data = make_data(spec, mean_over_std=mean_over_std, seed=seed)
     rows: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
     for framework in frameworks:
         progress(0, f"{framework}: building")
-        candidates = build(framework, data)
+        candidates = [c for c in build(framework, data, device) if not (primary_only and c.secondary)]
         for mode in modes:
             progress(0, f"{framework} {mode}")
             timed: list[tuple[Candidate, Callable[[], object]]] = []
@@ -153,6 +183,7 @@ def run_speed(
                 warmup=warmup,
                 repeats=repeats,
                 min_sample_s=min_sample_s,
+                budget_s=budget_s,
                 progress=_prefixed(progress, f"{framework} {mode}: "),
             )
             by_id = {id(c): t for (c, _), t in zip(timed, timings, strict=True)}
@@ -248,6 +279,7 @@ def run_accuracy(
     *,
     cases: Sequence[AccuracyCase] = ACCURACY_CASES,
     seed: int = 0,
+    device: str = "cpu",
     progress: Progress = _no_progress,
 ) -> list[dict[str, Any]]:
     """Max abs error of every implementation's forward output against a float64 reference; JSON rows."""
@@ -258,7 +290,7 @@ def run_accuracy(
         ref = reference(case_spec, data.x)
         for framework in frameworks:
             progress(0, f"accuracy: {framework}, {case.name}")
-            for c in build(framework, data):
+            for c in build(framework, data, device):
                 if c.role == "floor":
                     continue
                 rows.append(_accuracy_row(framework, case, c, ref))
