@@ -406,13 +406,37 @@ def resolve_activation(activation: object) -> Activation:
 
 class MaskError(ValueError, TypeError):
     """A mask of the wrong dtype or shape. A ``ValueError``, as NumPy's and JAX's broadcasting and
-    reductions raise for one, and a ``TypeError``, as JAX's reshape of the wrong size raises."""
+    reductions raise for one, and a ``TypeError``, as JAX's reshape of the wrong size raises.
+
+    Example:
+
+    >>> plan = make_plan((2, 4, 4, 6), "float32", groups=3)
+    >>> try:
+    ...     check_mask(plan, (2, 5, 1, 1), "bool")
+    ... except MaskError as e:
+    ...     print(isinstance(e, ValueError), isinstance(e, TypeError))
+    True True
+    """
 
 
 def check_mask(plan: Plan, shape: Sequence[int | None] | None, dtype: str) -> None:
     """Validate a mask for an input of ``plan``: boolean, and broadcastable to the input's shape (by
     NumPy's rules: trailing axes aligned, each of size 1 or the input's). Dimensions only known at run
-    time (``None``) are left to the run-time broadcast."""
+    time (``None``) are left to the run-time broadcast.
+
+    Args:
+        plan: the input's validated plan.
+        shape: the mask's static shape (``None`` for an unknown rank, ``None`` entries for dynamic sizes).
+        dtype: the mask's dtype name; must be ``"bool"``.
+
+    Raises:
+        MaskError: for a mask that is not boolean or does not broadcast to the input.
+
+    Example:
+
+    >>> plan = make_plan((2, 4, 4, 6), "float32", groups=3)
+    >>> check_mask(plan, (2, 4, 4, 1), "bool")     # one value per pixel: fine
+    """
     if dtype != "bool":
         raise MaskError(f"mask must be None or a boolean array, got dtype {dtype}.")
     if shape is None:
