@@ -103,7 +103,20 @@ def test_the_site_has_every_page() -> None:
     assert pages == listed
 
 
-@pytest.mark.parametrize("name", ["groupnorm", "groupnorm._plan", "groupnorm.cli"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "groupnorm",
+        "groupnorm._plan",
+        "groupnorm.cli",
+        "groupnorm.numpy",
+        "groupnorm.torch",
+        "groupnorm.tf1",
+        "groupnorm.keras",
+        "groupnorm.flax",
+        "groupnorm.flax.linen",
+    ],
+)
 def test_docstrings_describe_every_argument_and_show_an_example(name: str) -> None:
     assert docstring_gaps(module_path(name)) == []
 

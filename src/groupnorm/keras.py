@@ -29,7 +29,16 @@ __all__ = ["ArgumentError", "GroupNormalization", "load_model"]
 
 class ArgumentError(ValueError, TypeError):
     """An invalid constructor argument: a ``ValueError``, as Keras's layer raises, that is also the
-    ``TypeError`` groupnorm's plan raises for an argument of the wrong type."""
+    ``TypeError`` groupnorm's plan raises for an argument of the wrong type.
+
+    Example::
+
+        >>> try:
+        ...     GroupNormalization(groups=1.5)
+        ... except ArgumentError as e:
+        ...     print(isinstance(e, ValueError), isinstance(e, TypeError))
+        True True
+    """
 
 
 def _plan_groups(groups: Any) -> Any:
@@ -108,6 +117,14 @@ class GroupNormalization(keras.layers.Layer):  # type: ignore[misc]
     passes on by itself) marks positions: it applies to every channel (an axis is inserted at
     ``axis``). Otherwise it must broadcast to the input's shape. A group with no unmasked element
     normalizes to zero (its outputs are ``beta``). Keras's own layer ignores masks.
+
+    Example::
+
+        >>> import keras
+        >>> layer = GroupNormalization(groups=8)                      # as keras.layers.GroupNormalization(8)
+        >>> y = layer(keras.random.normal((2, 16, 16, 32)))
+        >>> keras.layers.GroupNormalization.from_config(layer.get_config()).groups   # configs interchange
+        8
     """
 
     def __init__(
@@ -312,6 +329,16 @@ def load_model(filepath: str | Path, layer_class: type[Any] | None = None, **kwa
     Keras resolves its built-in layers before any ``custom_objects``, and registered classes (as
     groupnorm's is, once :mod:`groupnorm.keras` is imported) before them too, so ``custom_objects``
     cannot swap either class for the other; this can. ``kwargs`` go to ``keras.models.load_model``.
+
+    Args:
+        filepath: the ``.keras`` file.
+        layer_class: the class to load every GroupNormalization layer as (default: groupnorm's).
+        kwargs: passed to ``keras.models.load_model``.
+
+    Example::
+
+        >>> model = load_model("model.keras")                                   # doctest: +SKIP
+        >>> theirs = load_model("model.keras", keras.layers.GroupNormalization)  # doctest: +SKIP
     """
     serialized = keras.saving.serialize_keras_object((layer_class or GroupNormalization)())
     identity = {key: serialized[key] for key in ("module", "class_name", "registered_name")}

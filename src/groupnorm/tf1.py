@@ -96,6 +96,15 @@ def group_norm(
 
     Returns:
         The normalized tensor, with the input's shape and dtype.
+
+    Example::
+
+        >>> import tensorflow.compat.v1 as tf
+        >>> tf.disable_eager_execution()
+        >>> x = tf.placeholder(tf.float32, [None, 8, 8, 64])                # NHWC, batch unknown
+        >>> y = group_norm(x, groups=32, scope="gn1")                       # creates gn1/beta, gn1/gamma
+        >>> sorted(v.op.name for v in tf.global_variables())
+        ['gn1/beta', 'gn1/gamma']
     """
     inputs = tf.convert_to_tensor(inputs)
     plan = make_plan(

@@ -43,7 +43,17 @@ _ONES = nnx.initializers.ones_init()
 
 class ArgumentError(ValueError, TypeError):
     """Invalid groups: a ``ValueError``, as Flax raises, that is also the ``TypeError`` groupnorm's plan
-    raises for groups of the wrong type."""
+    raises for groups of the wrong type.
+
+    Example::
+
+        >>> from flax import nnx
+        >>> try:
+        ...     GroupNorm(12, num_groups=5, rngs=nnx.Rngs(0))
+        ... except ArgumentError as e:
+        ...     print(isinstance(e, ValueError))
+        True
+    """
 
 
 def check_groups(channels: int, groups: Any) -> None:
@@ -120,6 +130,28 @@ def group_norm(
     ``mask``, a boolean array that broadcasts to the input (this device's shard of it, with
     ``axis_name``), restricts them to the elements where it is true (see :func:`groupnorm.group_norm`);
     with ``axis_name`` the counts and sums of all devices are added, so the result is the unsharded one.
+
+    Args:
+        inputs: a floating-point JAX array (this device's shard of it, with ``axis_name``).
+        groups: how many groups to split the channels into (default 32); must divide the channel count.
+        channels_axis: the channel axis (default -1).
+        reduction_axes: the axes statistics run over besides the group's channels (default ``(-3, -2)``).
+        gamma: optional per-channel scale, shape ``[C]``.
+        beta: optional per-channel offset, shape ``[C]``.
+        epsilon: added to the variance (default 1e-6); must be >= 0.
+        activation_fn: ``None``, a callable, or ``"relu"``, ``"silu"``, ``"gelu"`` (fused).
+        mean_close_to_zero: one-pass sums instead of the shifted, exact variance (default False).
+        axis_name: a mapped axis over which the input is sharded (default None).
+        axis_index_groups: subsets of devices on ``axis_name`` (default None), as ``jax.lax.psum``.
+        mask: an optional boolean array broadcastable to the input: statistics over its true elements.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> x = jnp.ones((2, 4, 4, 8)).at[:, 0].set(3.0)
+        >>> y = group_norm(x, 4, mask=jnp.arange(4)[None, :, None, None] > 0)   # row 0 left out
+        >>> y.shape
+        (2, 4, 4, 8)
     """
     if mask is None:
         return jax_backend.group_norm(
@@ -234,6 +266,14 @@ class GroupNorm(nnx.Module):
             dividing ``num_features``, with Flax's phrase "does not divide the number of channels".
         ValueError: for the other errors Flax raises (``num_groups`` with ``group_size``, ...) and the
             contract's (see :func:`groupnorm.group_norm`).
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = GroupNorm(64, num_groups=32, rngs=nnx.Rngs(0))   # as nnx.GroupNorm(64, num_groups=32, ...)
+        >>> layer(jnp.ones((2, 8, 8, 64))).shape
+        (2, 8, 8, 64)
     """
 
     def __init__(

@@ -32,6 +32,16 @@ class GroupNorm(nn.Module):
     ``force_float32_reductions`` is accepted for compatibility: statistics always accumulate in at
     least float32. The result's dtype is ``dtype`` where given, else the promotion of the input's and
     the parameters' dtypes, as in Flax.
+
+    Example::
+
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> layer = GroupNorm(num_groups=32)                          # as flax.linen.GroupNorm(num_groups=32)
+        >>> x = jnp.ones((2, 8, 8, 64))
+        >>> params = layer.init(jax.random.key(0), x)
+        >>> layer.apply(params, x).shape
+        (2, 8, 8, 64)
     """
 
     num_groups: int | None = 32
