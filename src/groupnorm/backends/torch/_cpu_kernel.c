@@ -324,17 +324,24 @@ typedef struct {
     double *partial;
 } pass_run;
 
-/* Tasks that hold whole groups: sums, coefficients and output, while the rows are in cache. */
+/* Tasks that hold whole groups: sums, coefficients and output, while the rows are in cache. Where
+   channels are not innermost (B > 1) each group's block is contiguous, and is finished one group at a
+   time, so that its second read comes from the nearest cache. */
 static void whole_groups(void *ctx, i64 begin, i64 end) {
     const pass_run *r = ctx;
-    const i64 C = r->s->C;
+    const split *s = r->s;
+    const i64 C = s->C;
     for (i64 t = begin; t < end; t++) {
         i64 k, a0, a1, c0, c1;
-        task_range(r->s, t, &k, &a0, &a1, &c0, &c1);
+        task_range(s, t, &k, &a0, &a1, &c0, &c1);
         double *acc = r->partial + t * C * 2;
-        sums_of(r->s, r->ps, k, a0, a1, c0, c1, acc);
-        r->ps->coefficients(r->s, r->ps->args, k, c0, c1, acc, acc + C);
-        if (r->ps->out) task_affine(r->s, k, a0, a1, c0, c1, r->ps->affine_p, r->ps->affine_q, r->ps->coef, r->ps->out);
+        const i64 step = s->B > 1 ? s->cg : c1 - c0;
+        for (i64 g0 = c0; g0 < c1; g0 += step) {
+            const i64 g1 = g0 + step;
+            sums_of(s, r->ps, k, a0, a1, g0, g1, acc);
+            r->ps->coefficients(s, r->ps->args, k, g0, g1, acc, acc + C);
+            if (r->ps->out) task_affine(s, k, a0, a1, g0, g1, r->ps->affine_p, r->ps->affine_q, r->ps->coef, r->ps->out);
+        }
     }
 }
 
