@@ -455,6 +455,7 @@ def test_rounds_fit_the_budget(budget: float | None, round_s: float, repeats: in
     assert _runner.rounds_within(budget, round_s, repeats) == rounds
 
 
+@pytest.mark.extras
 def test_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(SWEEPS, "torch", Sweep("NCHW", ((2, 32, 4, 4), (1, 64, 2, 3))))
     argv = ["--sweep", "-f", "torch", "--threads", "1,2", "--repeats", "2", "--warmup", "1", "--min-time", "0"]
@@ -486,6 +487,7 @@ def test_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert json.loads(merged.read_text())["sweeps"] == doc["sweeps"]
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
