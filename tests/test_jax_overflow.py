@@ -1,6 +1,6 @@
 """float32 input whose shifted squares overflow float32 (spread beyond about 1.8e19): the JAX backend and
 the Flax front-ends still return the float64 reference's values and ``groupnorm.numpy.vjp``'s gradients,
-finite, in both numerical modes, for small groups and for large (sampled-shift) ones."""
+finite, in both numerical modes, for small groups and for large ones."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ from support import hard_data, reference_group_norm
 
 EPS = 1e-5
 GROUPS = 4
-#: (shape, mean over std): small groups (shift = whole-group mean), and groups of 16384 elements
-#: (shift from a sample of the group)
-SHAPES = {"small": ((2, 6, 5, 16), 0.0), "sampled": ((1, 64, 64, 16), 0.5)}
+#: (shape, mean over std): small groups, and groups of 16384 elements (a corner of 8 of 4096 positions)
+SHAPES = {"small": ((2, 6, 5, 16), 0.0), "large": ((1, 64, 64, 16), 0.5)}
 
 Grads = tuple[jax.Array, jax.Array, jax.Array]
 FrontEnd = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, bool], tuple[jax.Array, Grads]]
@@ -86,8 +85,8 @@ def test_float32_beyond_the_range_of_its_squares(front_end: str, mean_close_to_z
 
 
 @pytest.mark.parametrize("scale", [3e19, 1e30])
-def test_float32_beyond_the_range_of_its_squares_sampled_shift(scale: float) -> None:
-    shape, mean_over_std = SHAPES["sampled"]
+def test_float32_beyond_the_range_of_its_squares_large_groups(scale: float) -> None:
+    shape, mean_over_std = SHAPES["large"]
     x = (scale * hard_data(shape, -1, mean_over_std, dtype=np.float64)).astype(np.float32)
     _check("group_norm", x, False)
 
@@ -100,9 +99,9 @@ def test_only_some_groups_overflow() -> None:
     _check("group_norm", x.astype(np.float32), False)
 
 
-def test_an_outlier_beyond_the_sample() -> None:
-    """Groups that are ordinary in the shift's sample but hold huge values further on."""
-    shape, _ = SHAPES["sampled"]
+def test_huge_values_beyond_the_corner() -> None:
+    """Groups that are ordinary in their corner but hold huge values further on."""
+    shape, _ = SHAPES["large"]
     x = hard_data(shape, -1, 1.0, dtype=np.float64)
     x[:, 40:, :, :] *= 1e30
     _check("group_norm", x.astype(np.float32), False)

@@ -268,7 +268,7 @@ def shift_from_corner(first: Array, total_difference: Array, count: int) -> Arra
     return first + total_difference / count
 
 
-def moments(s1: Array, s2: Array, n: int, ops: Ops) -> tuple[Array, Array]:
+def moments(s1: Array, s2: Array, n: Array, ops: Ops) -> tuple[Array, Array]:
     """Step 2: the mean and the (clamped) variance from the sums over ``n`` elements."""
     mean = s1 / n
     return mean, ops.maximum(s2 / n - mean * mean, 0.0)
@@ -291,8 +291,9 @@ def rescue_unit(biggest: Array, ops: Ops, lim: Limits) -> Array:
     return ops.power_of_two(-e)
 
 
-def statistics(passes: Passes, n: int, epsilon: float, shifted: bool, lim: Limits, ops: Ops) -> Stats:
-    """Steps 1 to 3 for every group: the ordinary pass, then the rescue where any group needs it."""
+def statistics(passes: Passes, n: Array, epsilon: float, shifted: bool, lim: Limits, ops: Ops) -> Stats:
+    """Steps 1 to 3 for every group: the ordinary pass, then the rescue where any group needs it. ``n``
+    is the number of elements per group (an int, or an array where it is only known when run)."""
     shift = passes.corner_shift(None) if shifted else None
     s1, s2 = passes.sums(shift, None)
     mean, var = moments(s1, s2, n, ops)

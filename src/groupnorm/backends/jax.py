@@ -5,56 +5,47 @@ under ``jax.jit``, ``jax.grad`` (and forward mode, and higher orders), ``jax.vma
 ``jax.checkpoint``. Statistics accumulate in float32 for float16/bfloat16/float32 input (float64 for
 float64 input); the output has the input's dtype.
 
-Numerics, as in the NumPy reference: the default mode subtracts a per-group shift ``K`` close to the
-group's mean, accumulates the sum and the sum of squares of ``x - K`` and forms the output as
-``(x - K) * scale + offset``, which is exact to float32 rounding however large the mean is against the
-spread. ``K`` is found cheaply: for large groups it is the mean of a 64th of the group; when that
-turns out to be far from the group's mean (further than one standard deviation, which only unusual data
-does) the sums are taken again around the mean just found, so accuracy never depends on the data's
-layout. ``mean_close_to_zero=True`` takes one-pass sums of ``x`` itself, clamped at zero.
+The numerics are :mod:`groupnorm._numerics`'s: each group is shifted by the mean ``K`` of its corner (a
+few elements), one pass gives the sum and the sum of squares of ``x - K``, and the output is formed as
+``(x * u - K) * scale + offset``, exact to float32 rounding however large the mean is against the
+spread. Groups whose statistics fail the checks (values too large or too small to square anywhere in
+the group, a corner unlike its group, NaN or Inf) are recomputed in exact power-of-two units ``u`` inside
+a ``jax.lax.cond`` that runs only when some group needs it (also under ``vmap``: its predicate is taken
+over the whole batch), and selected group by group.
 
-Spreads beyond the range of squares (about 1.8e19 in float32): the statistics carry the variance
-scaled by a per-group power of two (exact), so the output and gradients, which are in range, never go
-through the unscaled variance; where the sums of squares overflowed, they are taken again of ``x``
-scaled by the group's largest ``|x|`` (only then: ordinary data pays nothing for it).
+The input is seen in the channel view of :mod:`groupnorm.backends._layout` (NHWC as ``(N, H*W, C)``):
+each statistic is a per-channel reduction over whole axes, summed over a group's channels afterwards,
+which XLA's CPU code generator compiles into fast loops.
 
 Statistics across devices: with ``axis_name`` (inside ``shard_map`` or ``pmap``) each device's input is
-one shard of the groups' elements. The shift is then the mean over all shards (their sums and counts
-added with ``psum``), the same on every device, and the shifted sums are added over devices too, so the
-result and its gradients are those of the unsharded input, with the same stability.
+one shard of the groups' elements. The shift is then the mean of the shards' corner shifts (``psum``),
+the same on every device, and every sum and maximum is taken over devices too, so the result and its
+gradients are those of the unsharded input, with the same stability.
 
 The statistics carry a hand-written forward-mode derivative (``jax.custom_jvp``): the mean's tangent is
-the mean of the input's tangent and the variance's is ``2 * mean((x - mean) * dx)``. JAX transposes it
-for reverse mode, so a backward pass reads the input and the output's cotangent once for the per-channel
-sums and once more to form the input's gradient, without differentiating through the shift.
+``u * mean(dx)`` and the variance's ``2 * u * mean((x * u - K - mean) * dx)``. JAX transposes it for
+reverse mode, so a backward pass reads the input and the output's cotangent once for the per-channel
+sums and once more to form the input's gradient, without differentiating through the shift or the rescue.
 """
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache, partial, reduce
+from functools import lru_cache, partial
 from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 
+from groupnorm import _numerics as N
 from groupnorm._api import Backend, plan_for
 from groupnorm._plan import Activation, Plan, resolve_activation
+from groupnorm.backends._layout import ChannelView, channel_view
 
 NAME = "jax"
 
 __all__ = ["execute", "group_norm"]
-
-#: groups at least this large take their shift from a sample of the group (see the module docstring).
-SAMPLE_MIN_GROUP = 8192
-#: the sample is the first 1/SAMPLE_FRACTION of the first reduced axis (of at least that many elements)
-#: of the backend's view of the input (see ``_layout``).
-SAMPLE_FRACTION = 64
-
-Moments = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def is_array(x: object) -> bool:
@@ -75,47 +66,50 @@ def _work_dtype(dtype: Any) -> Any:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How this backend views the input: neighbouring axes of the same kind (kept, reduced) merged, the
-    channel axis alone. Reductions then run over whole axes with the channels innermost or outermost,
-    which XLA compiles into fast per-channel reductions; the few channels of a group are summed after,
-    on the small per-channel result."""
-
-    runs: tuple[tuple[int, int], ...]
-    """Runs ``(start, stop)`` of input axes merged into one axis of the view."""
-    channel: int
-    """The view axis of the channels."""
-    reduced: tuple[int, ...]
-    """The view axes statistics run over (besides the channels of a group)."""
-
-    def shape(self, dims: Sequence[Any]) -> tuple[Any, ...]:
-        return tuple(reduce(operator.mul, dims[start:stop], 1) for start, stop in self.runs)
+@jax.custom_batching.custom_vmap
+def _all(flags: jax.Array) -> jax.Array:
+    """``jnp.all(flags)``, also over a ``vmap``'s batch axis: a ``lax.cond`` on it stays a branch under
+    ``vmap`` (where a per-example predicate would run both branches for every example)."""
+    return jnp.all(flags)
 
 
-@lru_cache(maxsize=512)
-def _layout(plan: Plan) -> _Layout:
-    kinds = ["r" if a in plan.reduction_axes else "k" for a in range(plan.rank)]
-    kinds[plan.channels_axis] = "c"
-    runs: list[tuple[int, int]] = []
-    for a, kind in enumerate(kinds):
-        if runs and kind != "c" and kinds[runs[-1][0]] == kind:
-            runs[-1] = (runs[-1][0], a + 1)
-        else:
-            runs.append((a, a + 1))
-    channel = next(i for i, (start, _) in enumerate(runs) if kinds[start] == "c")
-    reduced = tuple(i for i, (start, _) in enumerate(runs) if kinds[start] == "r")
-    return _Layout(tuple(runs), channel, reduced)
+@_all.def_vmap
+def _all_vmap(axis_size: int, in_batched: list[bool], flags: jax.Array) -> tuple[jax.Array, bool]:
+    return _all(flags), False
 
 
-def _sample_axis(plan: Plan, layout: _Layout, view: Sequence[Any]) -> int | None:
-    """The view axis whose first 1/SAMPLE_FRACTION gives the shift, or None to use the whole group."""
-    if plan.group_size < SAMPLE_MIN_GROUP:
-        return None
-    for a in layout.reduced:
-        if isinstance(view[a], int) and view[a] >= SAMPLE_FRACTION:
-            return a
-    return None
+class _Ops:
+    """:class:`groupnorm._numerics.Ops` for JAX (the conditional is ``jax.lax.cond``)."""
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        return jnp.where(condition, a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return jnp.maximum(a, b)
+
+    def rsqrt(self, a: Any) -> Any:
+        return jax.lax.rsqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return jnp.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return jax.scipy.special.erf(a)
+
+    def exponent(self, a: Any) -> Any:
+        return jnp.frexp(a)[1]
+
+    def power_of_two(self, e: Any) -> Any:
+        return jnp.ldexp(jnp.ones(jnp.shape(e), self.work), e)
+
+    def all(self, flags: Any) -> Any:
+        return _all(flags)
+
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        return jax.lax.cond(predicate, lambda _: true_fn(), lambda _: false_fn(), None)
 
 
 def _psum(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
@@ -126,143 +120,160 @@ def _pmax(value: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array
     return cast(jax.Array, jax.lax.pmax(value, axis_name, axis_index_groups=axis_index_groups))  # type: ignore[no-untyped-call]
 
 
-@jax.custom_batching.custom_vmap
-def _any(flags: jax.Array) -> jax.Array:
-    """``jnp.any(flags)``, also over a ``vmap``'s batch axis: a ``lax.cond`` on it stays a branch under
-    ``vmap`` (where a per-example predicate would run both branches for every example)."""
-    return jnp.any(flags)
+#: inputs of at most this many elements, in groups of at most DIRECT_MAX_GROUP, reduce each group in
+#: one reduction over its channels and positions (fewer, larger XLA operations: what small inputs are
+#: bound by); others reduce per channel first and sum a group's channels afterwards (what XLA's CPU
+#: loops do fastest on large inputs, and more accurate for large groups: shorter float32 sums)
+DIRECT_MAX_SIZE = 2**18
+DIRECT_MAX_GROUP = 4096
 
 
-@_any.def_vmap
-def _any_vmap(axis_size: int, in_batched: list[bool], flags: jax.Array) -> tuple[jax.Array, bool]:
-    return _any(flags), False
+def _direct(plan: Plan, view: ChannelView, xv: jax.Array) -> bool:
+    size = 1
+    for d in xv.shape:
+        if not isinstance(d, int):
+            return False
+        size *= d
+    return size <= DIRECT_MAX_SIZE and plan.group_size <= DIRECT_MAX_GROUP and view.group_channels > 1
 
 
-def _unit(exponent: jax.Array, dtype: Any) -> jax.Array:
-    """``2 ** -exponent`` in ``dtype``, exactly; ``exponent`` is clamped to where that is a normal number."""
-    top = 1022 if jnp.dtype(dtype) == jnp.float64 else 126
-    return jnp.ldexp(jnp.ones(exponent.shape, dtype), -jnp.clip(exponent, 0, top))
+class _Passes:
+    """:class:`groupnorm._numerics.Passes` over the input in the channel view (in the work dtype), with
+    an optional device axis; per-group values in the view's per-group shape. Elementwise work runs on
+    the channel view, or, for small inputs, on the view with its channel axis split into (groups,
+    channels of a group) (:data:`DIRECT_MAX_SIZE`)."""
+
+    def __init__(self, plan: Plan, xv: jax.Array, axis_name: Hashable, axis_index_groups: Hashable) -> None:
+        self.plan = plan
+        self.view = view = channel_view(plan)
+        self.direct = _direct(plan, view, xv)
+        c = view.channel
+        if self.direct:
+            self.xv = xv.reshape(view.split(xv.shape))
+            self.axes = (*(a if a < c else a + 1 for a in view.reduced), c + 1)
+        else:
+            self.xv, self.axes = xv, view.reduced
+        self.axis_name = axis_name
+        self.groups_arg = None if axis_index_groups is None else [list(i) for i in axis_index_groups]  # type: ignore[attr-defined]
+
+    def total(self, value: jax.Array) -> jax.Array:
+        return value if self.axis_name is None else _psum(value, self.axis_name, self.groups_arg)
+
+    def count(self) -> jax.Array:
+        return self.total(jnp.asarray(self.plan.group_size, self.xv.dtype))
+
+    def channels(self, per_group: jax.Array) -> jax.Array:
+        """Per-group values shaped to broadcast against this pass's view of the input."""
+        if per_group.ndim == 0:
+            return per_group
+        if self.direct:
+            return jnp.expand_dims(per_group, self.view.channel + 1)
+        return to_channels(per_group, self.plan)
+
+    def params(self, p: jax.Array) -> jax.Array:
+        """A ``[C]`` parameter shaped to broadcast against this pass's view."""
+        shape = self.view.param_shape()
+        return p.reshape(self.view.split(shape) if self.direct else shape)
+
+    def reduce(self, t: jax.Array, how: Callable[..., jax.Array] = jnp.sum) -> jax.Array:
+        """``t`` (of this pass's view) reduced over each group: per-group values."""
+        if self.direct:
+            return jnp.squeeze(how(t, axis=self.axes, keepdims=True), self.view.channel + 1)
+        per_channel = how(t, axis=self.axes, keepdims=True)
+        return how(per_channel.reshape(self.view.split(per_channel.shape)), axis=self.view.channel + 1)
+
+    def _sum(self, t: jax.Array) -> jax.Array:
+        return self.total(self.reduce(t))
+
+    def corner_shift(self, unit: jax.Array | None) -> jax.Array:
+        view = self.view
+        c = view.channel
+        dims = self.xv.shape
+        if self.direct:  # the channel view's shape
+            dims = (*dims[:c], dims[c] * dims[c + 1], *dims[c + 2 :])
+        spot = view.corner(dims)
+        box_index, first_index = list(view.corner_index(dims)), list(view.first_index())
+        mask = view.corner_mask(dims)
+        if self.direct:  # the channel axis split: all of a group's channels in the box, the first one first
+            box_index.insert(c + 1, slice(None))
+            first_index[c] = slice(None)
+            first_index.insert(c + 1, slice(0, 1))
+            if mask is not None:
+                mask = ((*mask[0][: c + 1], 1, *mask[0][c + 1 :]), mask[1])
+        box = self.xv[tuple(box_index)]
+        first = box[tuple(first_index)]
+        if unit is not None:
+            box = box * self.channels(unit)
+            first = first * (self.channels(unit) if self.direct else unit)
+        diff = box - (first if self.direct else self.channels(first))
+        if mask is not None:
+            diff = jnp.where(jnp.asarray(mask[1]).reshape(mask[0]), diff, 0)
+        first_group = jnp.squeeze(first, c + 1) if self.direct else first
+        shift = N.shift_from_corner(first_group, self.reduce(diff), spot.size * view.group_channels)
+        if self.axis_name is not None:  # the same shift on every device: the mean of the shards' shifts
+            shift = self.total(shift) / self.total(jnp.ones((), shift.dtype))
+        return shift  # type: ignore[no-any-return]
+
+    def sums(self, shift: jax.Array | None, unit: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The two spell ``x * u - K`` differently (``x * u + (-K)`` and ``K - x * u``, equal in floating
+        point up to sign) on purpose: XLA would otherwise share one ``x * u - K`` between both reductions
+        and write it to memory, instead of fusing it into each of them."""
+        xu = self.xv if unit is None else self.xv * self.channels(unit)
+        if shift is None:
+            return self._sum(xu), self._sum(jnp.square(xu))
+        sc = self.channels(shift)
+        return self._sum(xu + (-sc)), self._sum(jnp.square(sc - xu))
+
+    def centre(self, shift: jax.Array, unit: jax.Array) -> jax.Array:
+        return self._sum(self.xv * self.channels(unit) - self.channels(shift))
+
+    def max_abs(self) -> jax.Array:
+        biggest = self.reduce(jnp.abs(self.xv), jnp.max)
+        if self.axis_name is not None:
+            biggest = _pmax(biggest, self.axis_name, self.groups_arg)
+        return biggest
 
 
 @lru_cache(maxsize=256)
-def _moments_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) -> Callable[[jax.Array], Moments]:
-    """For a plan (and an optional device axis), a function from the input in :func:`_layout`'s view (in
-    the work dtype) to per-group ``(shift, mean of x - shift, variance of (x - shift) * unit, unit)``:
-    the view's shape with the reduced axes set to 1 and the channel axis to the number of groups.
+def _stats_fn(plan: Plan, axis_name: Hashable, axis_index_groups: Hashable) -> Callable[[jax.Array], N.Stats]:
+    """For a plan (and an optional device axis), a function from the input in the channel view (in the
+    work dtype) to its per-group :class:`groupnorm._numerics.Stats`, with a hand-written JVP."""
+    lim = N.limits(plan.dtype)
+    shifted = not plan.mean_close_to_zero
 
-    ``unit`` is a power of two, ``2 ** -e`` with ``e >= 0``, that brings the variance near 1 where it
-    is larger (the variance itself is ``var * 4 ** e``, the reciprocal standard deviation
-    ``rsqrt(var + eps * unit ** 2) * unit``). Where the spread is large, beyond ``1.8e19`` in float32,
-    ``var * 4 ** e`` is beyond the dtype's range while the normalized output and its gradients are not:
-    computed from the scaled variance they stay in range. Ordinary data takes the sums of ``x - shift``
-    as they are (``e`` then follows from their variance, exactly); only where those sums overflowed
-    (any group's variance not finite) are they taken again, of ``(x - shift) * unit`` with ``unit``
-    from the group's largest ``|x|``."""
-    layout = _layout(plan)
-    axes, c, g = layout.reduced, layout.channel, plan.groups
-    groups_arg = None if axis_index_groups is None else [list(i) for i in axis_index_groups]  # type: ignore[attr-defined]
-
-    def total(value: jax.Array) -> jax.Array:
-        return value if axis_name is None else _psum(value, axis_name, groups_arg)
-
-    def count(like: jax.Array) -> jax.Array:
-        return total(jnp.asarray(plan.group_size, like.dtype))
-
-    def grouped(per_channel: jax.Array) -> jax.Array:
-        s = per_channel.shape
-        return per_channel.reshape((*s[:c], g, s[c] // g, *s[c + 1 :]))
-
-    def per_group(per_channel: jax.Array) -> jax.Array:
-        return jnp.sum(grouped(per_channel), axis=c + 1)
-
-    def group_sum(values: jax.Array) -> jax.Array:
-        return per_group(jnp.sum(values, axis=axes, keepdims=True))
-
-    def shifted_sums(xv: jax.Array, shift: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """Per-group ``sum(x - shift)`` and ``sum((x - shift) ** 2)``.
-
-        The two spell ``x - shift`` differently (``x + (-shift)`` and ``shift - x``, equal in floating
-        point up to sign) on purpose: XLA would otherwise share one ``x - shift`` between both
-        reductions and write it to memory, instead of fusing it into each of them.
-        """
-        if shift is None:
-            s1, s2 = jnp.sum(xv, axis=axes, keepdims=True), jnp.sum(jnp.square(xv), axis=axes, keepdims=True)
-        else:
-            sc = to_channels(shift, plan)
-            s1 = jnp.sum(xv + (-sc), axis=axes, keepdims=True)
-            s2 = jnp.sum(jnp.square(sc - xv), axis=axes, keepdims=True)
-        return total(per_group(s1)), total(per_group(s2))
-
-    def rescaled(xv: jax.Array) -> Moments:
-        """The moments where the plain sums overflowed: of ``x * unit`` with ``unit`` from the group's
-        largest ``|x|``, all in range (the shift taken twice, as the sampled one may be far off)."""
-        n = count(xv)
-        biggest = jnp.max(grouped(jnp.max(jnp.abs(xv), axis=axes, keepdims=True)), axis=c + 1)
-        if axis_name is not None:
-            biggest = _pmax(biggest, axis_name, groups_arg)
-        unit = _unit(jnp.frexp(biggest)[1], xv.dtype)
-        xs = xv * to_channels(unit, plan)
-        if plan.mean_close_to_zero:
-            shift = jnp.zeros((), xv.dtype)
-            s1, s2 = shifted_sums(xs, None)
-        else:
-            shift_s = total(group_sum(xs)) / n
-            shift_s = shift_s + shifted_sums(xs, shift_s)[0] / n
-            s1, s2 = shifted_sums(xs, shift_s)
-            shift = shift_s / unit
-        mean = s1 / n
-        var = jnp.maximum(s2 / n - jnp.square(mean), 0)
-        return shift, mean / unit, var, unit
-
-    def moments(xv: jax.Array) -> Moments:
-        n = count(xv)
-        if plan.mean_close_to_zero:
-            shift = jnp.zeros((), xv.dtype)
-            s1, s2 = shifted_sums(xv, None)
-        else:
-            sample_axis = None if axis_name is not None else _sample_axis(plan, layout, xv.shape)
-            if sample_axis is None:
-                # With devices: each device's mean of its shard, averaged: the same shift everywhere.
-                shift = total(group_sum(xv)) / n
-                s1, s2 = shifted_sums(xv, shift)
-            else:
-                size = xv.shape[sample_axis] // SAMPLE_FRACTION
-                part = jax.lax.slice_in_dim(xv, 0, size, axis=sample_axis)
-                shift = group_sum(part) / (n * size / xv.shape[sample_axis])
-                s1, s2 = shifted_sums(xv, shift)
-                m0 = s1 / n
-                far = _any(jnp.square(m0) > s2 / n - jnp.square(m0))
-
-                def again(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-                    old, first, _ = args
-                    new = old + first / n
-                    return (new, *shifted_sums(xv, new))
-
-                shift, s1, s2 = jax.lax.cond(far, again, lambda args: args, (shift, s1, s2))
-        mean = s1 / n
-        var = jnp.maximum(s2 / n - jnp.square(mean), 0)
-        # Scaling the variance by a power of two (>= 1) is exact: the same result, in range.
-        unit = _unit(jnp.frexp(var)[1] // 2, var.dtype)
-        plain = (shift, mean, var * unit * unit, unit)
-        overflowed = _any(~jnp.isfinite(var))
-        return cast(Moments, jax.lax.cond(overflowed, lambda ops: rescaled(ops[0]), lambda ops: ops[1], (xv, plain)))
+    def compute(xv: jax.Array) -> N.Stats:
+        passes = _Passes(plan, xv, axis_name, axis_index_groups)
+        n = plan.group_size if axis_name is None else passes.count()  # over every device's shard
+        return N.statistics(passes, n, plan.epsilon, shifted, lim, _Ops(xv.dtype))
 
     @jax.custom_jvp
-    def stats(xv: jax.Array) -> Moments:
-        return moments(xv)
+    def stats(xv: jax.Array) -> N.Stats:
+        return compute(xv)
 
     @stats.defjvp
-    def stats_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[Moments, Moments]:
+    def stats_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[N.Stats, N.Stats]:
         (xv,), (dx,) = primals, tangents
-        shift, mean, var, unit = stats(xv)
-        n = count(xv)
-        dmean = total(group_sum(dx)) / n
-        # in units of ``unit``: (x - mean) * unit is in range where its square is not
-        centered = ((xv - to_channels(shift, plan)) - to_channels(mean, plan)) * to_channels(unit, plan)
-        dvar = total(group_sum(centered * dx)) * (2 * unit / n)
-        return (shift, mean, var, unit), (jnp.zeros_like(shift), dmean, dvar, jnp.zeros_like(unit))
+        result = stats(xv)
+        shift, unit, mean, _ = result
+        passes = _Passes(plan, xv, axis_name, axis_index_groups)
+        n = passes.count()
+        if passes.direct:
+            dx = dx.reshape(passes.xv.shape)
+        dmean = passes.total(passes.reduce(dx)) * (unit / n)
+        # in units: x * u - K - mean is in range where its square may not be
+        centered = (passes.xv * passes.channels(unit) - passes.channels(shift)) - passes.channels(mean)
+        dvar = passes.total(passes.reduce(centered * dx)) * (2 * unit / n)
+        return result, N.Stats(jnp.zeros_like(shift), jnp.zeros_like(unit), dmean, dvar)
 
-    return cast(Callable[[jax.Array], Moments], stats)
+    return cast(Callable[[jax.Array], N.Stats], stats)
+
+
+def group_statistics(plan: Plan, x: Any) -> N.Stats:
+    """The per-group statistics (:class:`groupnorm._numerics.Stats`) this backend computes for ``x``, in
+    the channel view's per-group shape (for tests and for comparing backends)."""
+    x = jnp.asarray(x)
+    xv = x.reshape(channel_view(plan).shape(x.shape)).astype(_work_dtype(x.dtype))
+    return N.Stats(*_stats_fn(plan, None, None)(xv))
 
 
 def _clear_last_bit(values: jax.Array) -> jax.Array:
@@ -274,23 +285,13 @@ def _clear_last_bit(values: jax.Array) -> jax.Array:
 
 
 def to_channels(per_group: jax.Array, plan: Plan) -> jax.Array:
-    """Per-group statistics (groups on :func:`_layout`'s channel axis) repeated for each channel."""
+    """Per-group values (groups on the channel view's channel axis) repeated for each channel."""
     if per_group.ndim == 0:
         return per_group
-    c = _layout(plan).channel
+    c = channel_view(plan).channel
     s = per_group.shape
     wide = jnp.broadcast_to(jnp.expand_dims(per_group, c + 1), (*s[: c + 1], plan.group_channels, *s[c + 1 :]))
     return wide.reshape((*s[:c], plan.channels, *s[c + 1 :]))
-
-
-def _activate(y: jax.Array, activation: Activation) -> jax.Array:
-    if activation == "relu":
-        return jax.nn.relu(y)
-    if activation == "silu":
-        return jax.nn.silu(y)
-    if activation == "gelu":
-        return jax.nn.gelu(y, approximate=False)
-    return y
 
 
 def _hashable_groups(axis_index_groups: Any) -> tuple[tuple[int, ...], ...] | None:
@@ -336,33 +337,25 @@ def _run(
 ) -> jax.Array:
     """The computation, compiled once per plan in eager use and inlined into an enclosing ``jit``."""
     work = _work_dtype(x.dtype)
+    ops = _Ops(work)
     dims = x.shape
-    layout = _layout(plan)
-    view = layout.shape(dims)
-    xv = x.reshape(view).astype(work)
-    shift, mean, var, unit = _moments_fn(plan, axis_name, axis_index_groups)(xv)
-    # ``var`` is the variance times ``unit ** 2`` (see ``_moments_fn``): in range, as is the result.
-    rstd = jax.lax.rsqrt(var + jnp.asarray(plan.epsilon, work) * unit * unit) * unit
-    param_shape = tuple(plan.channels if i == layout.channel else 1 for i in range(len(view)))
-    scale = to_channels(rstd, plan)
-    if gamma is not None:
-        scale = scale * gamma.astype(work).reshape(param_shape)
-    if plan.mean_close_to_zero:
-        centered, mean_here = xv, mean
-    else:
-        # The output's own shift: the statistics' shift with its last mantissa bit cleared. The two
-        # differ by an exactly representable amount, folded into the mean below, so the result is the
-        # same; but being a different value, XLA fuses each use of ``x - shift`` into its own pass
-        # (forward statistics, output, and under autodiff the backward reductions) instead of sharing
-        # one and writing it to memory.
-        near = _clear_last_bit(shift)
-        centered = xv - to_channels(near, plan)
-        mean_here = (shift - near) + mean
-    offset = -to_channels(mean_here, plan) * scale
-    if beta is not None:
-        offset = offset + beta.astype(work).reshape(param_shape)
-    y = centered * scale + offset
-    return _activate(y, activation).astype(x.dtype).reshape(dims)
+    view = channel_view(plan)
+    xv = x.reshape(view.shape(dims)).astype(work)
+    shift, unit, mean, var = _stats_fn(plan, axis_name, axis_index_groups)(xv)
+    rstd_u, _ = N.normalizer(N.Stats(shift, unit, mean, var), plan.epsilon, N.limits(plan.dtype), ops)
+    passes = _Passes(plan, xv, axis_name, axis_index_groups)
+    xv, expand = passes.xv, passes.channels
+    g = None if gamma is None else passes.params(gamma.astype(work))
+    b = None if beta is None else passes.params(beta.astype(work))
+    # The output's own shift: the statistics' shift with its last mantissa bit cleared. The two differ
+    # by an exactly representable amount, folded into the mean, so the result is the same; but being a
+    # different value, XLA fuses each use of ``x * u - K`` into its own pass (forward statistics,
+    # output, and under autodiff the backward reductions) instead of sharing one and writing it to memory.
+    near = shift if plan.mean_close_to_zero else _clear_last_bit(shift)
+    scale, offset = N.output_coefficients(expand((shift - near) + mean), expand(rstd_u), g, b)
+    centered = xv * expand(unit) - expand(near)
+    y = N.activate(activation, centered * scale + offset, ops)
+    return cast(jax.Array, y.astype(x.dtype).reshape(dims))
 
 
 def group_norm(
