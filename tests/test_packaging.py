@@ -263,7 +263,10 @@ def test_sdist_holds_what_building_testing_and_documenting_need(dists: Dists) ->
 def test_wheel_holds_the_package_alone(dists: Dists) -> None:
     package = {n.removeprefix("src/") for n in dists.sources if n.startswith("src/groupnorm/")}
     assert {"groupnorm/py.typed", "groupnorm/backends/torch/_cpu_kernel.c", "groupnorm/cli.py"} <= package
-    assert {n for n in package if n.endswith(NATIVE_SUFFIXES)} >= {"groupnorm/backends/torch/_cpu_kernel.c", "groupnorm/backends/torch/_ops.cpp"}
+    assert {n for n in package if n.endswith(NATIVE_SUFFIXES)} >= {
+        "groupnorm/backends/torch/_cpu_kernel.c",
+        "groupnorm/backends/torch/_ops.cpp",
+    }
     info = f"groupnorm-{source_version()}.dist-info/"
     assert set(dists.wheel) - package == {
         info + n for n in ("METADATA", "WHEEL", "RECORD", "entry_points.txt", "top_level.txt", "licenses/LICENSE")
