@@ -62,6 +62,6 @@ SCRIPT = textwrap.dedent(
 
 def test_masked_statistics_across_two_host_devices() -> None:
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-    result = run_python("-c", SCRIPT, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    result = run_python("-c", SCRIPT, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "masked statistics across devices OK" in result.stdout
