@@ -50,8 +50,18 @@ def _schema_axes(reduction_axes: int | Sequence[int] | None) -> list[int] | None
 
 
 def _check_one_value(input: torch.Tensor, num_groups: int, channels_axis: int, axes: list[int] | None) -> None:
-    """torch's check: statistics over a single value are refused (torch raises it in eval mode too)."""
-    if channels_axis == 1 and axes is None and input.dim() >= 2 and type(num_groups) is int and num_groups > 0:
+    """torch's check: statistics over a single value are refused (torch raises it in eval mode too).
+
+    torch counts ``(N * C // G) * prod(spatial)`` values; that is 1 only where the input holds fewer than
+    ``2 * G`` elements, which the first test settles without building the size list."""
+    if (
+        channels_axis == 1
+        and axes is None
+        and type(num_groups) is int
+        and num_groups > 0
+        and input.numel() < 2 * num_groups
+        and input.dim() >= 2
+    ):
         size = [input.size(0) * input.size(1) // num_groups, num_groups, *input.shape[2:]]
         count = size[0]
         for d in size[2:]:
@@ -103,6 +113,42 @@ def group_norm(
         True
         >>> y = group_norm(x.permute(0, 2, 3, 1), 4, channels_axis=-1, reduction_axes=(1, 2))   # NHWC
     """
+    return _group_norm(
+        input, num_groups, weight, bias, eps, channels_axis, reduction_axes, activation, mean_close_to_zero,
+        process_group,
+    )  # fmt: skip
+
+
+def _group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    channels_axis: int,
+    reduction_axes: int | Sequence[int] | None,
+    activation: str | Callable[[torch.Tensor], torch.Tensor] | None,
+    mean_close_to_zero: bool,
+    process_group: Any,
+) -> torch.Tensor:
+    """`group_norm` with its arguments in order (the layer calls it). The common case (plain tensors, the
+    default reduction axes, a fused activation or none, the compiled operator) goes straight to the
+    operator, whose C++ kernel validates the arguments: a small layer's call costs what torch's does."""
+    if (
+        reduction_axes is None
+        and process_group is None
+        and type(input) is torch.Tensor
+        and type(num_groups) is int
+        and (activation is None or type(activation) is str)
+        and not has_torch_function_variadic(weight, bias)
+        and _backend.KERNELS
+        and not _jit.is_tracing()
+    ):
+        _check_one_value(input, num_groups, channels_axis, None)
+        return torch.ops.groupnorm.group_norm.default(  # type: ignore[no-any-return]
+            input, num_groups, weight, bias, eps, channels_axis, None,
+            None if activation is None else resolve_activation(activation), mean_close_to_zero,
+        )  # fmt: skip
     if _expanded(weight) or _expanded(bias):
         # per-sample gradients (torch.nn.utils._per_sample_grad): ExpandedWeights knows torch's group norm
         if channels_axis != 1 or reduction_axes is not None or mean_close_to_zero or process_group is not None:
@@ -227,17 +273,17 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
-        return group_norm(
+        return _group_norm(
             input,
             self.num_groups,
             self.weight,
             self.bias,
             self.eps,
-            channels_axis=self.channels_axis,
-            reduction_axes=self._reduction_axes,
-            activation=self.activation,
-            mean_close_to_zero=self.mean_close_to_zero,
-            process_group=self.process_group,
+            self.channels_axis,
+            self._reduction_axes,
+            self.activation,
+            self.mean_close_to_zero,
+            self.process_group,
         )
 
     def extra_repr(self) -> str:

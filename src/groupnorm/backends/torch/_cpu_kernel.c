@@ -28,6 +28,26 @@ typedef int64_t i64;
 #define CORNER 8
 /* elements of a row summed in float32 before the sum is added in float64 */
 #define ROW_BLOCK 256
+/* interleaved float32 accumulators of a row's sums: one AVX register (GCC's and Clang's vector
+   extensions; two SSE registers where AVX is not enabled) */
+#define LANES 8
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
+typedef double vdouble __attribute__((vector_size(4 * sizeof(double))));
+
+_Static_assert(CORNER == LANES, "a channel's corner row is loaded as one vector");
+
+static inline vfloat load_lanes(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v); /* an unaligned load */
+    return v;
+}
+static inline vdouble widen_low(vfloat f) {
+    return __builtin_convertvector(__builtin_shufflevector(f, f, 0, 1, 2, 3), vdouble);
+}
+static inline vdouble widen_high(vfloat f) {
+    return __builtin_convertvector(__builtin_shufflevector(f, f, 4, 5, 6, 7), vdouble);
+}
 /* per-channel coefficient planes of the affine pass */
 #define COEFS 5
 /* tasks wanted at least, where the input allows: enough to keep 16 threads busy */
@@ -106,6 +126,48 @@ static void task_range(const split *s, i64 t, i64 *k, i64 *a0, i64 *a1, i64 *c0,
     *c1 = g1 * s->cg;
 }
 
+/* The sums of u = row[i] - shift and of u * u over n contiguous elements, as the per-channel loop below
+   forms them: LANES interleaved float32 accumulators over blocks of ROW_BLOCK elements, each lane added
+   to a float64 total; a block whose float32 squares overflow is summed again in float64. */
+static inline void run_sums(const float *row, i64 n, float shift, double *out1, double *out2) {
+    vdouble d1a = {0}, d1b = {0}, d2a = {0}, d2b = {0};
+    double t1 = 0.0, t2 = 0.0;
+    const vfloat sv = shift - (vfloat){0};
+    const i64 whole = n - n % LANES;
+    for (i64 b0 = 0; b0 < whole; b0 += ROW_BLOCK) {
+        const i64 b1 = b0 + ROW_BLOCK < whole ? b0 + ROW_BLOCK : whole;
+        vfloat f1 = {0}, f2 = {0};
+        for (i64 b = b0; b < b1; b += LANES) {
+            const vfloat u = load_lanes(row + b) - sv;
+            f1 += u;
+            f2 += u * u;
+        }
+        const vfloat zero = f1 * 0.0f + f2 * 0.0f; /* zero where every lane is finite */
+        float check = 0.0f;
+        for (int j = 0; j < LANES; j++) check += zero[j];
+        if (check == 0.0f) {
+            d1a += widen_low(f1);
+            d1b += widen_high(f1);
+            d2a += widen_low(f2);
+            d2b += widen_high(f2);
+            continue;
+        }
+        for (i64 b = b0; b < b1; b++) {
+            const double u = (double)row[b] - shift;
+            t1 += u;
+            t2 += u * u;
+        }
+    }
+    for (i64 b = whole; b < n; b++) {
+        const double u = (double)row[b] - shift;
+        t1 += u;
+        t2 += u * u;
+    }
+    const vdouble e1 = d1a + d1b, e2 = d2a + d2b;
+    *out1 = t1 + ((e1[0] + e1[1]) + (e1[2] + e1[3]));
+    *out2 = t2 + ((e2[0] + e2[1]) + (e2[2] + e2[3]));
+}
+
 /* One task's sums, per channel c in [c0, c1): of u and of u * v over rows [a0, a1) of row k of K, where
    u = p - pshift[c] and v = q - qshift[c] (q = NULL means v = u). The forward pass sums x - shift and its
    square; the backward pass sums dy and dy * (x - shift). Writes s1[c] and s2[c]. with_q is a constant
@@ -167,28 +229,54 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
                 }
             }
         }
+    } else if (!with_q) {
+        /* rows of B innermost, one shift per group (the forward pass): each group's channels are one
+           contiguous run of cg * B elements per row of A, summed as one */
+        const i64 cg = s->cg, run = cg * B;
+        for (i64 g0 = c0; g0 < c1; g0 += cg) {
+            double t1 = 0.0, t2 = 0.0;
+            for (i64 a = a0; a < a1; a++) {
+                double r1, r2;
+                run_sums(p + ((k * A + a) * C + g0) * B, run, ps[g0], &r1, &r2);
+                t1 += r1;
+                t2 += r2;
+            }
+            s1[g0] = t1;
+            s2[g0] = t2;
+            for (i64 c = g0 + 1; c < g0 + cg; c++) s1[c] = s2[c] = 0.0;
+        }
     } else {
-        /* rows of B innermost: vectorised float32 sums of blocks of ROW_BLOCK elements (small terms,
-           being shifted), added in float64; a block whose float32 squares overflow is summed again in
-           float64 */
+        /* rows of B innermost: float32 sums in LANES interleaved accumulators (each lane sums every
+           LANES-th element, so the loop vectorises without a horizontal sum inside it) over blocks of
+           ROW_BLOCK elements (small terms, being shifted), each lane added to its own float64 total; a
+           block whose float32 squares overflow is summed again in float64 */
         for (i64 c = c0; c < c1; c++) {
+            vdouble d1a = {0}, d1b = {0}, d2a = {0}, d2b = {0};
             double t1 = 0.0, t2 = 0.0;
             const float pc = ps[c], qc = qs[c];
+            const vfloat pv = pc - (vfloat){0}, qv = qc - (vfloat){0};
             for (i64 a = a0; a < a1; a++) {
                 const float *row = p + ((k * A + a) * C + c) * B;
                 const float *wrow = with_q ? q + ((k * A + a) * C + c) * B : row;
-                for (i64 b0 = 0; b0 < B; b0 += ROW_BLOCK) {
-                    const i64 b1 = b0 + ROW_BLOCK < B ? b0 + ROW_BLOCK : B;
-                    float r1 = 0.0f, r2 = 0.0f;
-#pragma omp simd reduction(+ : r1, r2)
-                    for (i64 b = b0; b < b1; b++) {
-                        const float u = row[b] - pc, v = with_q ? wrow[b] - qc : u;
-                        r1 += u;
-                        r2 += u * v;
+                const i64 whole = B - B % LANES;
+                for (i64 b0 = 0; b0 < whole; b0 += ROW_BLOCK) {
+                    const i64 b1 = b0 + ROW_BLOCK < whole ? b0 + ROW_BLOCK : whole;
+                    vfloat f1 = {0}, f2 = {0};
+                    for (i64 b = b0; b < b1; b += LANES) {
+                        const vfloat u = load_lanes(row + b) - pv;
+                        const vfloat v = with_q ? load_lanes(wrow + b) - qv : u;
+                        f1 += u;
+                        f2 += u * v;
                     }
-                    if (isfinite(r1) && isfinite(r2)) {
-                        t1 += r1;
-                        t2 += r2;
+                    /* zero where every lane is finite (an infinity or NaN makes it NaN) */
+                    const vfloat zero = f1 * 0.0f + f2 * 0.0f;
+                    float check = 0.0f;
+                    for (int j = 0; j < LANES; j++) check += zero[j];
+                    if (check == 0.0f) {
+                        d1a += widen_low(f1);
+                        d1b += widen_high(f1);
+                        d2a += widen_low(f2);
+                        d2b += widen_high(f2);
                         continue;
                     }
                     for (i64 b = b0; b < b1; b++) {
@@ -197,7 +285,15 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
                         t2 += u * v;
                     }
                 }
+                for (i64 b = whole; b < B; b++) {
+                    const double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
+                    t1 += u;
+                    t2 += u * v;
+                }
             }
+            const vdouble e1 = d1a + d1b, e2 = d2a + d2b;
+            t1 += (e1[0] + e1[1]) + (e1[2] + e1[3]);
+            t2 += (e2[0] + e2[1]) + (e2[2] + e2[3]);
             s1[c] = t1;
             s2[c] = t2;
         }
@@ -270,9 +366,21 @@ static void corner_shift(const split *s, const float *x, float *shift) {
     for (i64 k = 0; k < s->K; k++) {
         for (i64 g = 0; g < s->G; g++) {
             double sum = 0.0;
-            for (i64 p = 0; p < span; p++) {
-                const i64 a = p / B, b = p % B;
-                for (i64 c = g * cg; c < (g + 1) * cg; c++) sum += x[((k * A + a) * C + c) * B + b];
+            if (span == CORNER && B >= CORNER) {
+                /* the corner is the first CORNER elements of each channel's row */
+                vdouble lo = {0}, hi = {0};
+                for (i64 c = g * cg; c < (g + 1) * cg; c++) {
+                    const vfloat v = load_lanes(x + (k * A * C + c) * B);
+                    lo += widen_low(v);
+                    hi += widen_high(v);
+                }
+                const vdouble t = lo + hi;
+                sum = (t[0] + t[1]) + (t[2] + t[3]);
+            } else {
+                for (i64 p = 0; p < span; p++) {
+                    const i64 a = p / B, b = p % B;
+                    for (i64 c = g * cg; c < (g + 1) * cg; c++) sum += x[((k * A + a) * C + c) * B + b];
+                }
             }
             float mean = span ? (float)(sum / (double)(span * cg)) : 0.0f;
             if (!isfinite(mean)) mean = 0.0f;
@@ -281,14 +389,14 @@ static void corner_shift(const split *s, const float *x, float *shift) {
     }
 }
 
-/* Adds every task's sums into sums ([K][2][C]), in a fixed order. partial is [tasks][2][C]. */
+/* Adds every task's sums into sums ([K][2][C]), in a fixed order. partial is [K * a_chunks][2][C]. */
 static void total_sums(const split *s, const double *partial, double *sums) {
     const i64 C = s->C, tasks = task_count(s);
     memset(sums, 0, sizeof(double) * (size_t)(s->K * C * 2));
     for (i64 t = 0; t < tasks; t++) {
         i64 k, a0, a1, c0, c1;
         task_range(s, t, &k, &a0, &a1, &c0, &c1);
-        const double *acc = partial + t * C * 2;
+        const double *acc = partial + (t / s->g_chunks) * C * 2;
         double *out = sums + k * C * 2;
         for (i64 c = c0; c < c1; c++) {
             out[c] += acc[c];
@@ -334,7 +442,7 @@ static void whole_groups(void *ctx, i64 begin, i64 end) {
     for (i64 t = begin; t < end; t++) {
         i64 k, a0, a1, c0, c1;
         task_range(s, t, &k, &a0, &a1, &c0, &c1);
-        double *acc = r->partial + t * C * 2;
+        double *acc = r->partial + (t / s->g_chunks) * C * 2;
         const i64 step = s->B > 1 ? s->cg : c1 - c0;
         for (i64 g0 = c0; g0 < c1; g0 += step) {
             const i64 g1 = g0 + step;
@@ -350,7 +458,7 @@ static void partial_sums(void *ctx, i64 begin, i64 end) {
     for (i64 t = begin; t < end; t++) {
         i64 k, a0, a1, c0, c1;
         task_range(r->s, t, &k, &a0, &a1, &c0, &c1);
-        sums_of(r->s, r->ps, k, a0, a1, c0, c1, r->partial + t * r->s->C * 2);
+        sums_of(r->s, r->ps, k, a0, a1, c0, c1, r->partial + (t / r->s->g_chunks) * r->s->C * 2);
     }
 }
 
@@ -368,7 +476,8 @@ static void affine_tasks(void *ctx, i64 begin, i64 end) {
    or -1 when out of memory. */
 static int run_passes(const split *s, const passes *ps, int nthreads) {
     const i64 tasks = task_count(s), C = s->C;
-    double *partial = malloc(sizeof(double) * (size_t)(tasks * C * 2));
+    /* one row of sums per (k, A chunk): its tasks' channel ranges are disjoint */
+    double *partial = malloc(sizeof(double) * (size_t)(tasks / s->g_chunks * C * 2));
     double *sums = s->a_chunks > 1 ? malloc(sizeof(double) * (size_t)(s->K * C * 2)) : NULL;
     if (!partial || (s->a_chunks > 1 && !sums)) {
         free(partial);
