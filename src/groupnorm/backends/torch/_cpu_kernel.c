@@ -111,6 +111,15 @@ static split make_split(i64 K, i64 A, i64 C, i64 B, i64 G) {
     return s;
 }
 
+/* Rows of K run at a time: the per-channel scratch (shifts, sums, coefficients: about 40 bytes per channel
+   and row) stays a few MiB however many rows there are, as with (N, C) input of many rows. Each chunk has
+   its own split; the chunks depend on the shape alone. */
+static i64 rows_per_chunk(i64 K, i64 C) {
+    i64 kc = C > 0 ? ((i64)1 << 16) / C : K;
+    if (kc < TASKS) kc = TASKS;
+    return kc < K ? kc : (K > 0 ? K : 1);
+}
+
 static i64 task_count(const split *s) { return s->K * s->a_chunks * s->g_chunks; }
 
 /* The ranges of task t: k, rows [a0, a1), channels [c0, c1). */
@@ -302,7 +311,7 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
 
 /* One task's output, for rows [a0, a1) of row k and channels [c0, c1):
    out = (p - shift[c]) * m1[c] + m0[c], or, with q, r[c] * (q * mq[c] + (p - shift[c]) * m1[c] + m0[c]).
-   coef is [K][COEFS][C] floats: shift, m1, m0, mq, r. (The backward pass's factor r keeps every
+   coef is [K][COEFS][C] floats: shift, m1, m0, mq, r (the last two read only with q). (The backward pass's factor r keeps every
    coefficient within float32's range where rstd * rstd would not be.) */
 static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, const float *p, const float *q,
                         const float *coef, float *out) {
@@ -328,9 +337,9 @@ static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, c
                 const i64 base = ((k * A + a) * C + c) * B;
                 const float *restrict row = p + base;
                 float *restrict dst = out + base;
-                const float shc = sh[c], m1c = m1[c], m0c = m0[c], mqc = mq[c], rc = rr[c];
+                const float shc = sh[c], m1c = m1[c], m0c = m0[c];
                 if (q) {
-                    const float *restrict qrow = q + base;
+                    const float *restrict qrow = q + base, mqc = mq[c], rc = rr[c];
                     for (i64 b = 0; b < B; b++) dst[b] = rc * (qrow[b] * mqc + ((row[b] - shc) * m1c + m0c));
                 } else {
                     for (i64 b = 0; b < B; b++) dst[b] = (row[b] - shc) * m1c + m0c;
@@ -524,15 +533,16 @@ static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0
         f->shift_out[k * s->G + g] = f->shift[k * C + g * cg];
         f->mean_out[k * s->G + g] = (float)mean;
         f->rstd_out[k * s->G + g] = (float)rstd;
+        /* the planes the forward pass's affine reads (shift, m1, m0; not mq and r, which it does not) */
+        float *restrict sh = f->coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
+        const float *restrict gamma = f->gamma, *restrict beta = f->beta;
+        const float group_shift = f->shift[k * C + g * cg];
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
-            const double scale = f->gamma ? rstd * f->gamma[c] : rstd;
-            const double offset = f->beta ? f->beta[c] - mean * scale : -mean * scale;
-            float *cf = f->coef + k * C * COEFS + c;
-            cf[0] = f->shift[k * C + c];
-            cf[C] = (float)scale;
-            cf[2 * C] = (float)offset;
-            cf[3 * C] = 0.0f;
-            cf[4 * C] = 1.0f;
+            const double scale = gamma ? rstd * gamma[c] : rstd;
+            const double offset = beta ? beta[c] - mean * scale : -mean * scale;
+            sh[c] = group_shift;
+            m1[c] = (float)scale;
+            m0[c] = (float)offset;
         }
     }
 }
@@ -543,14 +553,16 @@ static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0
 int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, i64 G, const float *gamma,
                           const float *beta, double eps, int shifted, float *shift_out, float *mean_out,
                           float *rstd_out, int nthreads) {
-    const split s = make_split(K, A, C, B, G);
-    float *shift = calloc((size_t)(K * C), sizeof(float));
-    float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
-    int status = -1;
-    if (shift && coef) {
-        if (shifted) corner_shift(&s, x, shift);
-        const forward_args f = {gamma, beta, shift, eps, shift_out, mean_out, rstd_out, coef};
-        const passes ps = {x, shift, NULL, NULL, forward_coefficients, &f, x, NULL, coef, y};
+    const i64 kc = rows_per_chunk(K, C), per_k = A * C * B;
+    float *shift = calloc((size_t)(kc * C), sizeof(float));
+    float *coef = malloc(sizeof(float) * (size_t)(kc * C * COEFS));
+    int status = shift && coef ? 0 : -1;
+    for (i64 k0 = 0; k0 < K && status == 0; k0 += kc) {
+        const split s = make_split(K - k0 < kc ? K - k0 : kc, A, C, B, G);
+        const float *xk = x + k0 * per_k;
+        if (shifted) corner_shift(&s, xk, shift);
+        const forward_args f = {gamma, beta, shift, eps, shift_out + k0 * G, mean_out + k0 * G, rstd_out + k0 * G, coef};
+        const passes ps = {xk, shift, NULL, NULL, forward_coefficients, &f, xk, NULL, coef, y + k0 * per_k};
         status = run_passes(&s, &ps, nthreads);
     }
     free(shift);
@@ -603,35 +615,41 @@ static void backward_coefficients(const split *s, const void *args, i64 k, i64 c
 int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i64 A, i64 C, i64 B, i64 G,
                            const float *gamma, const float *shift_in, const float *mean_in,
                            const float *rstd_in, float *dgamma, float *dbeta, int nthreads) {
-    const split s = make_split(K, A, C, B, G);
-    const i64 cg = C / G;
-    float *zero = calloc((size_t)(K * C), sizeof(float));
-    float *shift = malloc(sizeof(float) * (size_t)(K * C));
-    double *per_kc = malloc(sizeof(double) * (size_t)(K * C * 2));
-    float *coef = malloc(sizeof(float) * (size_t)(K * C * COEFS));
-    int status = -1;
-    if (zero && shift && per_kc && coef) {
-        for (i64 k = 0; k < K; k++)
-            for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[k * G + c / cg];
-        const backward_args b = {gamma, shift, mean_in, rstd_in, per_kc, per_kc + K * C, coef};
+    const i64 cg = C / G, kc = rows_per_chunk(K, C), per_k = A * C * B;
+    float *zero = calloc((size_t)(kc * C), sizeof(float));
+    float *shift = malloc(sizeof(float) * (size_t)(kc * C));
+    double *per_kc = malloc(sizeof(double) * (size_t)(kc * C * 2));
+    float *coef = malloc(sizeof(float) * (size_t)(kc * C * COEFS));
+    double *dg = calloc((size_t)C, sizeof(double)), *db = calloc((size_t)C, sizeof(double));
+    int status = zero && shift && per_kc && coef && dg && db ? 0 : -1;
+    for (i64 k0 = 0; k0 < K && status == 0; k0 += kc) {
+        const i64 kn = K - k0 < kc ? K - k0 : kc;
+        const split s = make_split(kn, A, C, B, G);
+        for (i64 k = 0; k < kn; k++)
+            for (i64 c = 0; c < C; c++) shift[k * C + c] = shift_in[(k0 + k) * G + c / cg];
+        const backward_args b = {gamma, shift, mean_in + k0 * G, rstd_in + k0 * G, per_kc, per_kc + kn * C, coef};
         /* the sums of dy and of dy * (x - shift) */
-        const passes ps = {dy, zero, x, shift, backward_coefficients, &b, x, dy, coef, dx};
+        const float *xk = x + k0 * per_k;
+        const passes ps = {dy + k0 * per_k, zero, xk, shift, backward_coefficients, &b, xk, dy + k0 * per_k, coef,
+                           dx ? dx + k0 * per_k : NULL};
         status = run_passes(&s, &ps, nthreads);
-    }
-    if (status == 0) {
-        for (i64 c = 0; c < C; c++) {
-            double dg = 0.0, db = 0.0;
-            for (i64 k = 0; k < K; k++) {
-                dg += per_kc[K * C + k * C + c];
-                db += per_kc[k * C + c];
+        /* the parameters' gradients, summed over K in order */
+        for (i64 k = 0; k < kn && status == 0; k++)
+            for (i64 c = 0; c < C; c++) {
+                dg[c] += per_kc[kn * C + k * C + c];
+                db[c] += per_kc[k * C + c];
             }
-            if (dgamma) dgamma[c] = (float)dg;
-            if (dbeta) dbeta[c] = (float)db;
-        }
     }
+    if (status == 0)
+        for (i64 c = 0; c < C; c++) {
+            if (dgamma) dgamma[c] = (float)dg[c];
+            if (dbeta) dbeta[c] = (float)db[c];
+        }
     free(zero);
     free(shift);
     free(per_kc);
     free(coef);
+    free(dg);
+    free(db);
     return status;
 }
