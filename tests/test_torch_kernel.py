@@ -54,6 +54,10 @@ LAYOUTS = {
     "single-sample-nhwc": ((40, 30, 8), 2, -1, (0, 1), torch.contiguous_format),  # rows split across tasks
     "single-sample-nchw": ((64, 40, 30), 8, 0, (1, 2), torch.contiguous_format),  # groups split across tasks
     "one-group": ((2, 8, 5, 7), 1, 1, (2, 3), torch.channels_last),
+    "nchw-rows-shorter-than-the-corner": ((2, 16, 2, 3), 4, 1, (2, 3), torch.contiguous_format),
+    "nchw-odd-runs": ((3, 12, 3, 5), 4, 1, (2, 3), torch.contiguous_format),  # group runs of 45 elements
+    "features-many-rows": ((2500, 64), 8, 1, (), torch.contiguous_format),  # rows of K in three chunks
+    "sequence-many-rows": ((260, 512, 9), 32, 1, (2,), torch.contiguous_format),  # three chunks, shifted
 }
 
 
