@@ -19,6 +19,10 @@
 #include <sys/mman.h>
 #endif
 #include <math.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define GROUPNORM_THREAD_SCRATCH 1
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +36,6 @@ typedef int64_t i64;
    extensions; two SSE registers where AVX is not enabled) */
 #define LANES 8
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
-typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
 typedef double vdouble __attribute__((vector_size(4 * sizeof(double))));
 
 _Static_assert(CORNER == LANES, "a channel's corner row is loaded as one vector");
@@ -75,6 +78,71 @@ static void parallel_for(int64_t n, groupnorm_body body, void *ctx, int nthreads
         body(ctx, 0, n);
 #endif
     }
+}
+
+/* Scratch memory. Each call needs per-channel arrays (shifts, partial sums, coefficients) of up to a few
+   MiB; allocated afresh, their pages fault in on every call, which at mid-sized shapes costs as much as
+   the normalization. So each thread keeps its scratch (two slots, used one inside the other) between
+   calls, freed when the thread exits; buffers above SCRATCH_KEPT bytes, or where threads have no
+   destructors, are allocated for the call alone. */
+#define SCRATCH_KEPT ((size_t)16 << 20)
+
+typedef struct {
+    void *base[2];
+    size_t size[2];
+} scratch_slots;
+
+#if defined(GROUPNORM_THREAD_SCRATCH)
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_keyed = 0;
+
+static void scratch_release(void *p) {
+    scratch_slots *slots = p;
+    free(slots->base[0]);
+    free(slots->base[1]);
+    free(slots);
+}
+
+static void scratch_key_init(void) { scratch_keyed = pthread_key_create(&scratch_key, scratch_release) == 0; }
+
+static scratch_slots *thread_slots(void) {
+    pthread_once(&scratch_once, scratch_key_init);
+    if (!scratch_keyed) return NULL;
+    scratch_slots *slots = pthread_getspecific(scratch_key);
+    if (!slots) {
+        slots = calloc(1, sizeof *slots);
+        if (slots && pthread_setspecific(scratch_key, slots) != 0) {
+            free(slots);
+            slots = NULL;
+        }
+    }
+    return slots;
+}
+#else
+static scratch_slots *thread_slots(void) { return NULL; }
+#endif
+
+/* At least `bytes` of memory for slot `slot` (0 or 1) of this call; *owned says whether the caller frees
+   it (give_scratch). NULL when out of memory. */
+static void *take_scratch(int slot, size_t bytes, int *owned) {
+    scratch_slots *slots = bytes <= SCRATCH_KEPT ? thread_slots() : NULL;
+    if (!slots) {
+        *owned = 1;
+        return malloc(bytes ? bytes : 1);
+    }
+    *owned = 0;
+    if (slots->size[slot] < bytes) {
+        free(slots->base[slot]);
+        const size_t want = bytes + bytes / 4;
+        slots->base[slot] = malloc(want);
+        slots->size[slot] = slots->base[slot] ? want : 0;
+    }
+    return slots->base[slot];
+}
+
+static void give_scratch(void *p, int owned) {
+    if (owned) free(p);
 }
 
 /* How the work is split: A into a_chunks chunks of a_step rows, groups into g_chunks chunks of g_step. */
@@ -385,6 +453,21 @@ static void corner_shift(const split *s, const float *x, float *shift) {
                 }
                 const vdouble t = lo + hi;
                 sum = (t[0] + t[1]) + (t[2] + t[3]);
+            } else if (B == 1) {
+                /* the corner is the group's channels at the first span rows of A: contiguous runs */
+                vdouble lo = {0}, hi = {0};
+                for (i64 p = 0; p < span; p++) {
+                    const float *run = x + (k * A + p) * C + g * cg;
+                    i64 c = 0;
+                    for (; c + LANES <= cg; c += LANES) {
+                        const vfloat v = load_lanes(run + c);
+                        lo += widen_low(v);
+                        hi += widen_high(v);
+                    }
+                    for (; c < cg; c++) sum += run[c];
+                }
+                const vdouble t = lo + hi;
+                sum += (t[0] + t[1]) + (t[2] + t[3]);
             } else {
                 for (i64 p = 0; p < span; p++) {
                     const i64 a = p / B, b = p % B;
@@ -486,13 +569,11 @@ static void affine_tasks(void *ctx, i64 begin, i64 end) {
 static int run_passes(const split *s, const passes *ps, int nthreads) {
     const i64 tasks = task_count(s), C = s->C;
     /* one row of sums per (k, A chunk): its tasks' channel ranges are disjoint */
-    double *partial = malloc(sizeof(double) * (size_t)(tasks / s->g_chunks * C * 2));
-    double *sums = s->a_chunks > 1 ? malloc(sizeof(double) * (size_t)(s->K * C * 2)) : NULL;
-    if (!partial || (s->a_chunks > 1 && !sums)) {
-        free(partial);
-        free(sums);
-        return -1;
-    }
+    const size_t rows = (size_t)(tasks / s->g_chunks), kept_rows = s->a_chunks > 1 ? (size_t)s->K : 0;
+    int owned;
+    double *partial = take_scratch(0, sizeof(double) * (rows + kept_rows) * (size_t)C * 2, &owned);
+    if (!partial) return -1;
+    double *sums = partial + rows * (size_t)C * 2;
     pass_run r = {s, ps, partial};
     if (s->a_chunks == 1) {
         parallel_for(tasks, whole_groups, &r, nthreads);
@@ -502,8 +583,7 @@ static int run_passes(const split *s, const passes *ps, int nthreads) {
         for (i64 k = 0; k < s->K; k++) ps->coefficients(s, ps->args, k, 0, C, sums + k * C * 2, sums + k * C * 2 + C);
         if (ps->out) parallel_for(tasks, affine_tasks, &r, nthreads);
     }
-    free(partial);
-    free(sums);
+    give_scratch(partial, owned);
     return 0;
 }
 
@@ -554,9 +634,11 @@ int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, 
                           const float *beta, double eps, int shifted, float *shift_out, float *mean_out,
                           float *rstd_out, int nthreads) {
     const i64 kc = rows_per_chunk(K, C), per_k = A * C * B;
-    float *shift = calloc((size_t)(kc * C), sizeof(float));
-    float *coef = malloc(sizeof(float) * (size_t)(kc * C * COEFS));
-    int status = shift && coef ? 0 : -1;
+    int owned;
+    float *shift = take_scratch(1, sizeof(float) * (size_t)(kc * C) * (1 + COEFS), &owned);
+    float *coef = shift ? shift + kc * C : NULL;
+    if (shift) memset(shift, 0, sizeof(float) * (size_t)(kc * C)); /* (no shift: zero) */
+    int status = shift ? 0 : -1;
     for (i64 k0 = 0; k0 < K && status == 0; k0 += kc) {
         const split s = make_split(K - k0 < kc ? K - k0 : kc, A, C, B, G);
         const float *xk = x + k0 * per_k;
@@ -565,8 +647,7 @@ int groupnorm_forward_f32(const float *x, float *y, i64 K, i64 A, i64 C, i64 B, 
         const passes ps = {xk, shift, NULL, NULL, forward_coefficients, &f, xk, NULL, coef, y + k0 * per_k};
         status = run_passes(&s, &ps, nthreads);
     }
-    free(shift);
-    free(coef);
+    give_scratch(shift, owned);
     return status;
 }
 
@@ -616,12 +697,18 @@ int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i6
                            const float *gamma, const float *shift_in, const float *mean_in,
                            const float *rstd_in, float *dgamma, float *dbeta, int nthreads) {
     const i64 cg = C / G, kc = rows_per_chunk(K, C), per_k = A * C * B;
-    float *zero = calloc((size_t)(kc * C), sizeof(float));
-    float *shift = malloc(sizeof(float) * (size_t)(kc * C));
-    double *per_kc = malloc(sizeof(double) * (size_t)(kc * C * 2));
-    float *coef = malloc(sizeof(float) * (size_t)(kc * C * COEFS));
-    double *dg = calloc((size_t)C, sizeof(double)), *db = calloc((size_t)C, sizeof(double));
-    int status = zero && shift && per_kc && coef && dg && db ? 0 : -1;
+    /* doubles first: per (k, channel) sums, then the parameters' gradients; then the float arrays */
+    const size_t doubles = (size_t)(kc * C * 2 + 2 * C), floats = (size_t)(kc * C) * (2 + COEFS);
+    int owned;
+    double *per_kc = take_scratch(1, sizeof(double) * doubles + sizeof(float) * floats, &owned);
+    double *dg = per_kc ? per_kc + kc * C * 2 : NULL, *db = per_kc ? dg + C : NULL;
+    float *zero = per_kc ? (float *)(per_kc + doubles) : NULL;
+    float *shift = zero ? zero + kc * C : NULL, *coef = zero ? shift + kc * C : NULL;
+    if (per_kc) {
+        memset(dg, 0, sizeof(double) * (size_t)(2 * C));
+        memset(zero, 0, sizeof(float) * (size_t)(kc * C));
+    }
+    int status = per_kc ? 0 : -1;
     for (i64 k0 = 0; k0 < K && status == 0; k0 += kc) {
         const i64 kn = K - k0 < kc ? K - k0 : kc;
         const split s = make_split(kn, A, C, B, G);
@@ -645,11 +732,6 @@ int groupnorm_backward_f32(const float *x, const float *dy, float *dx, i64 K, i6
             if (dgamma) dgamma[c] = (float)dg[c];
             if (dbeta) dbeta[c] = (float)db[c];
         }
-    free(zero);
-    free(shift);
-    free(per_kc);
-    free(coef);
-    free(dg);
-    free(db);
+    give_scratch(per_kc, owned);
     return status;
 }
