@@ -203,46 +203,51 @@ static void task_range(const split *s, i64 t, i64 *k, i64 *a0, i64 *a1, i64 *c0,
     *c1 = g1 * s->cg;
 }
 
-/* The sums of u = row[i] - shift and of u * u over n contiguous elements, as the per-channel loop below
-   forms them: LANES interleaved float32 accumulators over blocks of ROW_BLOCK elements, each lane added
-   to a float64 total; a block whose float32 squares overflow is summed again in float64. */
-static inline void run_sums(const float *row, i64 n, float shift, double *out1, double *out2) {
+/* The sums of u = p[i] - pshift and of u * v, v = q[i] - qshift (v = u without q), over n contiguous
+   elements: LANES interleaved float32 accumulators (each lane sums every LANES-th element, so the loop
+   vectorises with no horizontal sum inside it) over blocks of ROW_BLOCK elements (small terms, being
+   shifted), each lane added to its own float64 total. Where the float32 squares overflow (beyond about
+   1e19) the totals are not finite, and the run is summed again in float64. with_q is a constant at each
+   call, so each variant is compiled on its own. */
+static inline __attribute__((always_inline)) void run_sums(const float *p, const float *q, i64 n, float pshift,
+                                                            float qshift, double *out1, double *out2,
+                                                            const int with_q) {
     vdouble d1a = {0}, d1b = {0}, d2a = {0}, d2b = {0};
     double t1 = 0.0, t2 = 0.0;
-    const vfloat sv = shift - (vfloat){0};
+    const vfloat pv = pshift - (vfloat){0}, qv = qshift - (vfloat){0};
     const i64 whole = n - n % LANES;
     for (i64 b0 = 0; b0 < whole; b0 += ROW_BLOCK) {
         const i64 b1 = b0 + ROW_BLOCK < whole ? b0 + ROW_BLOCK : whole;
         vfloat f1 = {0}, f2 = {0};
         for (i64 b = b0; b < b1; b += LANES) {
-            const vfloat u = load_lanes(row + b) - sv;
+            const vfloat u = load_lanes(p + b) - pv;
+            const vfloat v = with_q ? load_lanes(q + b) - qv : u;
             f1 += u;
-            f2 += u * u;
+            f2 += u * v;
         }
-        const vfloat zero = f1 * 0.0f + f2 * 0.0f; /* zero where every lane is finite */
-        float check = 0.0f;
-        for (int j = 0; j < LANES; j++) check += zero[j];
-        if (check == 0.0f) {
-            d1a += widen_low(f1);
-            d1b += widen_high(f1);
-            d2a += widen_low(f2);
-            d2b += widen_high(f2);
-            continue;
-        }
-        for (i64 b = b0; b < b1; b++) {
-            const double u = (double)row[b] - shift;
-            t1 += u;
-            t2 += u * u;
-        }
+        d1a += widen_low(f1);
+        d1b += widen_high(f1);
+        d2a += widen_low(f2);
+        d2b += widen_high(f2);
     }
     for (i64 b = whole; b < n; b++) {
-        const double u = (double)row[b] - shift;
+        const double u = (double)p[b] - pshift, v = with_q ? (double)q[b] - qshift : u;
         t1 += u;
-        t2 += u * u;
+        t2 += u * v;
     }
     const vdouble e1 = d1a + d1b, e2 = d2a + d2b;
-    *out1 = t1 + ((e1[0] + e1[1]) + (e1[2] + e1[3]));
-    *out2 = t2 + ((e2[0] + e2[1]) + (e2[2] + e2[3]));
+    t1 += (e1[0] + e1[1]) + (e1[2] + e1[3]);
+    t2 += (e2[0] + e2[1]) + (e2[2] + e2[3]);
+    if (!(isfinite(t1) && isfinite(t2))) {
+        t1 = t2 = 0.0;
+        for (i64 b = 0; b < n; b++) {
+            const double u = (double)p[b] - pshift, v = with_q ? (double)q[b] - qshift : u;
+            t1 += u;
+            t2 += u * v;
+        }
+    }
+    *out1 = t1;
+    *out2 = t2;
 }
 
 /* One task's sums, per channel c in [c0, c1): of u and of u * v over rows [a0, a1) of row k of K, where
@@ -314,7 +319,7 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
             double t1 = 0.0, t2 = 0.0;
             for (i64 a = a0; a < a1; a++) {
                 double r1, r2;
-                run_sums(p + ((k * A + a) * C + g0) * B, run, ps[g0], &r1, &r2);
+                run_sums(p + ((k * A + a) * C + g0) * B, NULL, run, ps[g0], 0.0f, &r1, &r2, 0);
                 t1 += r1;
                 t2 += r2;
             }
@@ -323,54 +328,19 @@ static inline __attribute__((always_inline)) void task_sums(const split *s, i64 
             for (i64 c = g0 + 1; c < g0 + cg; c++) s1[c] = s2[c] = 0.0;
         }
     } else {
-        /* rows of B innermost: float32 sums in LANES interleaved accumulators (each lane sums every
-           LANES-th element, so the loop vectorises without a horizontal sum inside it) over blocks of
-           ROW_BLOCK elements (small terms, being shifted), each lane added to its own float64 total; a
-           block whose float32 squares overflow is summed again in float64 */
+        /* rows of B innermost: each channel's row summed as a run */
         for (i64 c = c0; c < c1; c++) {
-            vdouble d1a = {0}, d1b = {0}, d2a = {0}, d2b = {0};
             double t1 = 0.0, t2 = 0.0;
-            const float pc = ps[c], qc = qs[c];
-            const vfloat pv = pc - (vfloat){0}, qv = qc - (vfloat){0};
             for (i64 a = a0; a < a1; a++) {
-                const float *row = p + ((k * A + a) * C + c) * B;
-                const float *wrow = with_q ? q + ((k * A + a) * C + c) * B : row;
-                const i64 whole = B - B % LANES;
-                for (i64 b0 = 0; b0 < whole; b0 += ROW_BLOCK) {
-                    const i64 b1 = b0 + ROW_BLOCK < whole ? b0 + ROW_BLOCK : whole;
-                    vfloat f1 = {0}, f2 = {0};
-                    for (i64 b = b0; b < b1; b += LANES) {
-                        const vfloat u = load_lanes(row + b) - pv;
-                        const vfloat v = with_q ? load_lanes(wrow + b) - qv : u;
-                        f1 += u;
-                        f2 += u * v;
-                    }
-                    /* zero where every lane is finite (an infinity or NaN makes it NaN) */
-                    const vfloat zero = f1 * 0.0f + f2 * 0.0f;
-                    float check = 0.0f;
-                    for (int j = 0; j < LANES; j++) check += zero[j];
-                    if (check == 0.0f) {
-                        d1a += widen_low(f1);
-                        d1b += widen_high(f1);
-                        d2a += widen_low(f2);
-                        d2b += widen_high(f2);
-                        continue;
-                    }
-                    for (i64 b = b0; b < b1; b++) {
-                        const double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
-                        t1 += u;
-                        t2 += u * v;
-                    }
-                }
-                for (i64 b = whole; b < B; b++) {
-                    const double u = (double)row[b] - pc, v = with_q ? (double)wrow[b] - qc : u;
-                    t1 += u;
-                    t2 += u * v;
-                }
+                const i64 base = ((k * A + a) * C + c) * B;
+                double r1, r2;
+                if (with_q)
+                    run_sums(p + base, q + base, B, ps[c], qs[c], &r1, &r2, 1);
+                else
+                    run_sums(p + base, NULL, B, ps[c], 0.0f, &r1, &r2, 0);
+                t1 += r1;
+                t2 += r2;
             }
-            const vdouble e1 = d1a + d1b, e2 = d2a + d2b;
-            t1 += (e1[0] + e1[1]) + (e1[2] + e1[3]);
-            t2 += (e2[0] + e2[1]) + (e2[2] + e2[3]);
             s1[c] = t1;
             s2[c] = t2;
         }
