@@ -204,6 +204,12 @@ def _base_key(cc: str) -> list[bytes]:
 _C_FLAG_SETS_IN_TORCH: tuple[tuple[str, ...], ...] = (("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",), ())
 
 
+#: flags that let the C++ operators' ``at::parallel_for`` run on torch's thread pool, tried first: torch's
+#: parallel loop is an OpenMP region compiled into the caller (without ``-fopenmp`` it runs on one thread);
+#: the OpenMP runtime it links is the one torch has already loaded (the same ``libgomp.so.1``)
+_CXX_PARALLEL_FLAGS: tuple[tuple[str, ...], ...] = (("-fopenmp",), ())
+
+
 def _compile_kernel(cc: str, output: Path, shared: bool) -> str | None:
     """The C kernel into ``output`` (a shared library, or an object file for the C++ operators), with the
     first flag set that builds."""
@@ -271,12 +277,19 @@ def _ops() -> Path:
             if failure is not None:
                 return f"the C kernel: {failure}"
             link = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
-            return _run(
-                [cxx, *cxx_flags, "-shared", str(OPS_SOURCE), str(obj), "-o", str(out), *link,
-                 "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
-            )  # fmt: skip
+            errors = []
+            for parallel in _CXX_PARALLEL_FLAGS:
+                failure = _run(
+                    [cxx, *cxx_flags, *parallel, "-shared", str(OPS_SOURCE), str(obj), "-o", str(out), *link,
+                     "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
+                )  # fmt: skip
+                if failure is None:
+                    return None
+                errors.append(f"{' '.join(parallel) or 'no extra flags'}: {failure}")
+            return "; ".join(errors)
 
     key = [*_base_key(cc), OPS_SOURCE.read_bytes(), _version(cxx).encode(), torch.__version__.encode()]
+    key.append(repr((cxx_flags, _CXX_PARALLEL_FLAGS)).encode())
     return _cached("ops", key, build)
 
 

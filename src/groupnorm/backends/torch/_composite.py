@@ -1,29 +1,32 @@
-"""groupnorm's numerics as plain ``torch`` operations: the exact fallback of every path, and what tracers see.
+"""groupnorm's numerics (:mod:`groupnorm._numerics`) as plain ``torch`` operations: the exact fallback of
+every path, and what tracers see.
 
 Every implementation of the operator (the compiled CPU kernel, the Triton kernels, this module) keeps the
 same statistics per (kept index, group), as float32 tensors of shape ``(K, G)`` (float64 for float64 input):
 
-- ``shift``: the group's shift, the mean over the group's channels of its first ``min(8, R)`` positions
-  along the reduction axes flattened in row-major order (``R`` positions in all). Values near the group's
-  mean, so ``x - shift`` is exact where it matters and the variance of ``x - shift`` does not cancel.
-  Zero with ``mean_close_to_zero`` (plain sums, as TensorFlow 1.15 did).
-- ``mean``: the mean of ``x - shift`` over the group.
-- ``rstd``: ``1 / sqrt(var + eps)``, ``var`` the population variance, clamped at zero.
+- ``shift``: the group's shift in the input's units, ``K / u`` (steps 1 and 3 of the numerics: the
+  corner's mean, or the rescue's centre for a group whose values are too large or too small to square).
+  Zero with ``mean_close_to_zero`` (plain sums, as TensorFlow 1.15 did) unless the group is rescued.
+- ``mean``: the mean of ``x - shift`` over the group (the numerics' ``mean / u``).
+- ``rstd``: the reciprocal standard deviation in the input's units, the numerics' ``r`` (step 4).
 
-The output is ``(x - shift - mean) * rstd * gamma + beta``, then the activation. Float32 values too large
-to square (beyond about 1e19) are rescued without a data-dependent branch: the sums run over ``x - shift``
-scaled by a power of two chosen from the group's largest deviation, and ``rstd`` is formed from the scaled
-variance, so neither the variance nor ``rstd * rstd`` is ever formed unscaled.
+The output is ``(x - shift - mean) * rstd * gamma + beta``, then the activation: step 5 with the unit
+``u`` (an exact power of two) folded into the three statistics, so that they mean the same on every
+kernel. The statistics come from :func:`groupnorm._numerics.statistics` with this module's reductions
+(:class:`_Passes`) and array functions (:class:`_Ops`); its rescue is a Python ``if`` in eager mode and,
+where a tracer or a transform sees the call, computed for every call and selected per group.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from groupnorm import _numerics as N
 from groupnorm._plan import Plan
 
 __all__ = [
@@ -39,27 +42,82 @@ __all__ = [
 ]
 
 #: how many leading positions of the flattened reduction axes the shift averages, per channel of the group
-SHIFT_SPAN = 8
+SHIFT_SPAN = N.CORNER
 
-#: the fusable activations
+
+class _Ops:
+    """:class:`groupnorm._numerics.Ops` in ``torch``."""
+
+    def where(self, condition: Any, a: Any, b: Any) -> Any:
+        return torch.where(condition, a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        if isinstance(b, (int, float)):
+            return torch.clamp(a, min=b)
+        return torch.maximum(a, b)
+
+    def rsqrt(self, a: Any) -> Any:
+        return torch.rsqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return torch.exp(a)
+
+    def erf(self, a: Any) -> Any:
+        return torch.erf(a)
+
+    def exponent(self, a: Any) -> Any:
+        # frexp's exponent from log2 (which every exporter has), corrected where log2 rounds across a
+        # power of two; an integer-valued float tensor (infinite or NaN where ``a`` is 0, Inf or NaN: the
+        # rescue's clamp and its per-group select take care of those)
+        e = torch.floor(torch.log2(a)) + 1
+        e = torch.where(torch.pow(2.0, e - 1) > a, e - 1, e)
+        return torch.where(torch.pow(2.0, e) <= a, e + 1, e)
+
+    def power_of_two(self, e: Any) -> Any:
+        return torch.pow(2.0, e)
+
+    def all(self, flags: Any) -> Any:
+        return flags.all()
+
+    def cond(self, predicate: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        if _can_branch(predicate):
+            return true_fn() if bool(predicate) else false_fn()
+        # ``false_fn`` (the rescue) selects the ordinary statistics for every group that passes its
+        # checks: the same result, as operations a graph can hold
+        return false_fn()
+
+
+def _can_branch(predicate: torch.Tensor) -> bool:
+    """Whether a Python branch on ``predicate``'s value is an ordinary eager branch: a plain tensor of
+    real data, seen by no tracer, compiler or ``torch.func`` transform."""
+    return (
+        type(predicate) is torch.Tensor
+        and predicate.device.type != "meta"
+        and not _jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(predicate)
+    )
+
+
+_OPS = _Ops()
+_jit: Any = torch.jit  # (its tracing predicates are not exported for type checkers)
+
+
+#: the fusable activations: torch's own kernels, each the function :func:`groupnorm._numerics.activate`
+#: states (the tests check that they agree)
 ACTIVATION: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu}
 
 
-def _silu_grad(pre: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(pre)
-    return s * (1 + pre * (1 - s))
+#: each activation's derivative at the pre-activation value (:func:`groupnorm._numerics.activation_grad`)
+def _derivative(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def grad(pre: torch.Tensor) -> torch.Tensor:
+        return N.activation_grad(name, pre, _OPS)  # type: ignore[no-any-return]
+
+    return grad
 
 
-def _gelu_grad(pre: torch.Tensor) -> torch.Tensor:
-    cdf = 0.5 * (1 + torch.erf(pre * (1 / math.sqrt(2))))
-    return cdf + pre * torch.exp(-0.5 * pre * pre) * (1 / math.sqrt(2 * math.pi))
-
-
-#: each activation's derivative at the pre-activation value
 ACTIVATION_GRAD: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": lambda pre: (pre > 0).to(pre.dtype),
-    "silu": _silu_grad,
-    "gelu": _gelu_grad,
+    name: _derivative(name) for name in ("relu", "silu", "gelu")
 }
 
 
@@ -85,36 +143,72 @@ def _from_rows(plan: Plan, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.reshape([shape[a] for a in order]).permute(inverse)
 
 
-def statistics(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(shift, mean, rstd)`` of every (kept index, group), each ``(K, G)`` in the work dtype.
+class _Passes:
+    """:class:`groupnorm._numerics.Passes` over ``x`` as rows ``(K, G, C // G, R)`` in the work dtype;
+    per-group values are ``(K, G)``. The shift and the unit are constants to autograd (the result does
+    not depend on them), the sums are differentiable."""
 
-    Differentiable where ``x`` requires grad (the shift is a constant: the result does not depend on it).
-    """
+    def __init__(self, xr: torch.Tensor) -> None:
+        self.xr = xr
+
+    def _scaled(self, unit: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+        z = self.xr if unit is None else self.xr * unit.detach()[..., None, None]
+        return z if shift is None else z - shift.detach()[..., None, None]
+
+    def corner_shift(self, unit: torch.Tensor | None) -> torch.Tensor:
+        box = self.xr.detach()[..., :SHIFT_SPAN]  # (its sizes: traced ones under jit.trace, symbolic ones
+        # under torch.compile, so that a graph holds for every size)
+        first = box[:, :, :1, :1]
+        if unit is not None:
+            u = unit.detach()[..., None, None]
+            box, first = box * u, first * u
+        total = (box - first).sum(dim=(2, 3))
+        return N.shift_from_corner(first[:, :, 0, 0], total, box.shape[2] * box.shape[3])  # type: ignore[no-any-return]
+
+    def sums(self, shift: torch.Tensor | None, unit: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self._scaled(unit, shift)
+        if unit is None and (z.requires_grad or _jit.is_tracing()):  # (a trace holds one graph)
+            # A rescued group selects this pass's statistics away, and autograd hands them a zero
+            # gradient; a deviation beyond float32 (values near its largest of opposite signs) would turn
+            # it into 0 * inf = NaN. The largest finite number keeps the square out of range (the group is
+            # rescued all the same) and passes no gradient (NaN stays NaN).
+            big = torch.finfo(z.dtype).max
+            z = torch.nan_to_num(z, nan=math.nan, posinf=big, neginf=-big)
+        s1 = z.sum(dim=(2, 3))
+        # an overflowed s1 is flagged by its s2 (also out of range) whatever its value: zero keeps its
+        # gradient free of 0 * inf too
+        return torch.where(torch.isfinite(s1), s1, 0.0), (z * z).sum(dim=(2, 3))
+
+    def centre(self, shift: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        return self._scaled(unit, shift).sum(dim=(2, 3)).detach()
+
+    def max_abs(self) -> torch.Tensor:
+        return self.xr.detach().abs().amax(dim=(2, 3))
+
+
+def _in_units(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, N.Stats, torch.Tensor, torch.Tensor]:
+    """``x`` as rows in the work dtype, its :class:`groupnorm._numerics.Stats` (shift and unit constant
+    to autograd) and step 4's ``(rstd_u, r)``, each per group ``(K, G)``."""
     work = work_dtype(x.dtype)
     xr = rows(plan, x).to(work)
     k, g = xr.shape[0], xr.shape[1]
-    empty = plan.group_size == 0  # (the plan's sizes: a Python branch without a guard)
-    if plan.mean_close_to_zero or empty:
-        shift = torch.zeros(k, g, dtype=work, device=x.device)
-    else:
-        shift = xr[..., :SHIFT_SPAN].mean(dim=(2, 3)).detach()
-        # a non-finite corner (an infinity there) gives no usable shift; zero keeps other values exact
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    z = xr - shift[..., None, None]
-    if work == torch.float32 and x.dtype == torch.float32:
-        # an exact power of two that brings the group's largest deviation to about 1 (never above 1, so
-        # small values keep their epsilon): squares of the scaled values cannot overflow
-        top = torch.zeros_like(shift) if empty else z.detach().abs().amax(dim=(2, 3))
-        top = torch.where(torch.isfinite(top) & (top > 1), top, torch.ones_like(top))
-        scale = torch.pow(2.0, -torch.floor(torch.log2(top)))  # (pow: every exporter has it)
-    else:
-        scale = torch.ones_like(shift)
-    zs = z * scale[..., None, None]
-    mean_s = zs.mean(dim=(2, 3))
-    var_s = torch.clamp((zs * zs).mean(dim=(2, 3)) - mean_s * mean_s, min=0)
-    # (clamped: where the scaled epsilon underflows and the group is constant, rstd stays finite)
-    rstd = torch.rsqrt(torch.clamp(var_s + plan.epsilon * scale * scale, min=torch.finfo(work).tiny)) * scale
-    return shift, mean_s / scale, rstd
+    if plan.group_size == 0:  # (the plan's sizes: a Python branch without a guard)
+        zeros = torch.zeros(k, g, dtype=work, device=x.device)
+        rstd = torch.full_like(zeros, 1 / math.sqrt(plan.epsilon) if plan.epsilon else math.inf)
+        return xr, N.Stats(zeros, zeros + 1, zeros, zeros), rstd, rstd
+    lim = N.limits("float64" if work == torch.float64 else "float32")
+    n = xr.shape[2] * xr.shape[3]  # (plan.group_size, as the tracers see it)
+    st = N.statistics(_Passes(xr), n, plan.epsilon, not plan.mean_close_to_zero, lim, _OPS)
+    st = N.Stats(st.shift.detach(), st.unit.detach(), st.mean, st.var)
+    rstd_u, r = N.normalizer(st, plan.epsilon, lim, _OPS)
+    return xr, st, rstd_u, r
+
+
+def statistics(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(shift, mean, rstd)`` of every (kept index, group), each ``(K, G)`` in the work dtype (see the
+    module docstring)."""
+    _, st, _, r = _in_units(plan, x)
+    return st.shift / st.unit, st.mean / st.unit, r
 
 
 def _params(plan: Plan, p: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
@@ -150,9 +244,24 @@ def apply(
 def composite(
     plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, activation: str | None
 ) -> torch.Tensor:
-    """The whole computation as differentiable ``torch`` operations (any transform can see through it)."""
-    shift, mean, rstd = statistics(plan, x)
-    return apply(plan, x, weight, bias, shift, mean, rstd, activation)[0]
+    """The whole computation as differentiable ``torch`` operations (any transform can see through it):
+    step 5 of the numerics in the rescue's units, ``act((x * u - K) * scale + offset)``, so that every
+    intermediate value and every gradient autograd forms stays in range."""
+    xr, st, rstd_u, _ = _in_units(plan, x)
+    unit = st.unit
+    if not (_can_branch(unit) and bool((unit == 1).all())):  # (where no group is rescued: x itself)
+        xr = xr * unit[..., None, None]
+    work = xr.dtype
+    scale = rstd_u[..., None, None]
+    w, b = _params(plan, weight, work), _params(plan, bias, work)
+    if w is not None:
+        scale = scale * w
+    offset = -st.mean[..., None, None] * scale
+    if b is not None:
+        offset = offset + b
+    pre = (xr - st.shift[..., None, None]) * scale + offset
+    y = pre if activation is None else ACTIVATION[activation](pre)
+    return _from_rows(plan, y, x.shape).to(x.dtype)
 
 
 def backward(

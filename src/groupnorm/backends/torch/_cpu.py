@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from groupnorm import _numerics as N
 from groupnorm._plan import Plan
 from groupnorm.backends.torch import _build, _composite
 
@@ -59,10 +60,18 @@ _HALF = (torch.float16, torch.bfloat16)
 _SCRATCH = threading.local()
 
 
+#: the kernel sums float32 squares, which underflow below ``2**-126``: where ``var + epsilon`` could fall
+#: below the numerics' ``TINY`` (``epsilon`` below it, step 3 of :mod:`groupnorm._numerics`) the group needs
+#: the rescue, which the composite runs; above it, a variance lost to underflow changes nothing
+MIN_EPSILON = N.limits("float32").tiny
+
+
 def geometry(plan: Plan, x: torch.Tensor) -> tuple[int, int, int, int] | None:
     """``x``'s ``(K, A, C, B)`` where the kernel can run it: float32 (or half precision, widened), on the
-    CPU, a fitting layout."""
+    CPU, a fitting layout, and an epsilon the kernel's float32 squares resolve (see :data:`MIN_EPSILON`)."""
     if x.dtype not in (torch.float32, *_HALF) or x.device.type != "cpu" or x.numel() == 0:
+        return None
+    if not plan.epsilon >= MIN_EPSILON:
         return None
     return _geometry(plan, tuple(x.shape), tuple(x.stride()))
 
