@@ -12,3 +12,13 @@ import importlib.util
 
 if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
+
+import os
+
+from hypothesis import settings
+
+# `make test` draws the same examples every run, so that a run's verdict is the code's and not the draw's;
+# HYPOTHESIS_PROFILE=explore draws new ones (how the property tests look for new failures).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
