@@ -36,6 +36,17 @@ POISONED = ("nan_next_to_huge", "inf_next_to_huge")
 CENTRED = ("normal", "huge_anywhere", "huge_everywhere", "huge_opposite_signs", "tiny", *POISONED, "near_range")
 
 
+#: a few fixed configurations for the backends that compile once per plan (XLA) or per path: every
+#: layout kind, with and without parameters and activations, ``mean_close_to_zero``, and epsilon 0
+HARD_CONFIGS = (
+    Config((2, 4, 5, 4), 2, -1, (1, 2)),
+    Config((2, 4, 3, 3), 2, 1, (2, 3), activation="silu"),
+    Config((3, 6), 3, -1, (), affine=False),
+    Config((2, 3, 4, 2), 1, -1, (1,), mean_close_to_zero=True, activation="gelu"),
+    Config((2, 4, 4, 4), 4, -1, (1, 2), epsilon=0.0),
+)
+
+
 @dataclass
 class HardCase:
     x: np.ndarray

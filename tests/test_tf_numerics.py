@@ -22,7 +22,7 @@ from groupnorm.backends import keras as keras_backend
 from groupnorm.backends import numpy as np_backend
 from groupnorm.backends import tensorflow as tfb
 from groupnorm.keras import GroupNormalization
-from hard_regimes import check_hard, hard_inputs, parameters
+from hard_regimes import HARD_CONFIGS, check_hard, hard_inputs, parameters
 from support import Config, configs, hard_data, reference_group_norm
 
 v1 = tf.compat.v1
@@ -138,16 +138,6 @@ def test_statistics_are_the_numpy_transcriptions(cfg: Config, mean_over_std: flo
     np.testing.assert_allclose(ours[2], mean, rtol=0, atol=1e-5 * np.max(scale))
     # float32 sums in another order: the variance to a few units of the second moment of x * u - K
     np.testing.assert_allclose(ours[3], var, rtol=1e-4, atol=1e-5 * np.max(var + mean**2, initial=0))
-
-
-#: a few fixed configurations (XLA compiles once per plan), every layout kind
-HARD_CONFIGS = [
-    Config((2, 4, 5, 4), 2, -1, (1, 2)),
-    Config((2, 4, 3, 3), 2, 1, (2, 3), activation="silu"),
-    Config((3, 6), 3, -1, (), affine=False),
-    Config((2, 3, 4, 2), 1, -1, (1,), mean_close_to_zero=True, activation="gelu"),
-    Config((2, 4, 4, 4), 4, -1, (1, 2), epsilon=0.0),
-]
 
 
 @settings(max_examples=30, deadline=None)

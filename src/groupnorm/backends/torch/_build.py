@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["cache_dir", "load", "load_ops"]
@@ -210,17 +210,27 @@ _C_FLAG_SETS_IN_TORCH: tuple[tuple[str, ...], ...] = (("-march=native", "-fopenm
 _CXX_PARALLEL_FLAGS: tuple[tuple[str, ...], ...] = (("-fopenmp",), ())
 
 
-def _compile_kernel(cc: str, output: Path, shared: bool) -> str | None:
-    """The C kernel into ``output`` (a shared library, or an object file for the C++ operators), with the
-    first flag set that builds."""
+def _first_that_builds(
+    flag_sets: tuple[tuple[str, ...], ...], command: Callable[[tuple[str, ...]], list[str]]
+) -> str | None:
+    """Runs ``command(flags)`` for each flag set in turn until one builds: None, or every set's failure."""
     errors = []
-    for flags in _C_FLAG_SETS if shared else _C_FLAG_SETS_IN_TORCH:
-        extra = ["-shared", "-lm"] if shared else ["-c"]
-        failure = _run([cc, *_C_FLAGS, *flags, str(KERNEL_SOURCE), "-o", str(output), *extra])
+    for flags in flag_sets:
+        failure = _run(command(flags))
         if failure is None:
             return None
         errors.append(f"{' '.join(flags) or 'no extra flags'}: {failure}")
     return "; ".join(errors)
+
+
+def _compile_kernel(cc: str, output: Path, shared: bool) -> str | None:
+    """The C kernel into ``output`` (a shared library, or an object file for the C++ operators), with the
+    first flag set that builds."""
+    extra = ["-shared", "-lm"] if shared else ["-c"]
+    return _first_that_builds(
+        _C_FLAG_SETS if shared else _C_FLAG_SETS_IN_TORCH,
+        lambda flags: [cc, *_C_FLAGS, *flags, str(KERNEL_SOURCE), "-o", str(output), *extra],
+    )
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -277,16 +287,11 @@ def _ops() -> Path:
             if failure is not None:
                 return f"the C kernel: {failure}"
             link = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
-            errors = []
-            for parallel in _CXX_PARALLEL_FLAGS:
-                failure = _run(
-                    [cxx, *cxx_flags, *parallel, "-shared", str(OPS_SOURCE), str(obj), "-o", str(out), *link,
-                     "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
-                )  # fmt: skip
-                if failure is None:
-                    return None
-                errors.append(f"{' '.join(parallel) or 'no extra flags'}: {failure}")
-            return "; ".join(errors)
+            return _first_that_builds(
+                _CXX_PARALLEL_FLAGS,
+                lambda parallel: [cxx, *cxx_flags, *parallel, "-shared", str(OPS_SOURCE), str(obj), "-o", str(out),
+                                  *link, "-lc10", "-ltorch_cpu", "-ltorch", "-lm"],
+            )  # fmt: skip
 
     key = [*_base_key(cc), OPS_SOURCE.read_bytes(), _version(cxx).encode(), torch.__version__.encode()]
     key.append(repr((cxx_flags, _CXX_PARALLEL_FLAGS)).encode())
