@@ -487,11 +487,31 @@ def test_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert json.loads(merged.read_text())["sweeps"] == doc["sweeps"]
 
 
+def test_the_flax_sweep_is_the_torch_sweep_in_flax_layout() -> None:
+    torch_sweep, flax_sweep = SWEEPS["torch"], SWEEPS["flax"]
+    assert (torch_sweep.layout, flax_sweep.layout) == ("NCHW", "NHWC")
+    assert [(n, c, h, w) for n, h, w, c in flax_sweep.shapes] == list(torch_sweep.shapes)
+
+
+@pytest.mark.extras
+def test_flax_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SWEEPS, "flax", Sweep("NHWC", ((2, 4, 4, 32), (1, 2, 3, 64))))
+    doc = _run_json(tmp_path, "--sweep", "-f", "flax", "--repeats", "2", "--warmup", "1", "--min-time", "0", "--quiet")
+    assert [r["config"]["shape"] for r in doc["runs"]] == [[2, 4, 4, 32], [1, 2, 3, 64]]
+    for run in doc["runs"]:
+        _assert_all_ok(run["speed"])
+        assert run["config"]["sweep"] == "flax" and run["config"]["layout"] == "NHWC"
+    (summary,) = doc["sweeps"]
+    assert summary["peer"] == "flax.nnx.GroupNorm" and len(summary["rows"]) == 4
+    assert all(r["ratio"] > 0 and r["groupnorm_vs_floor"] > 0 for r in summary["rows"])
+    assert len(summary["geomeans"]) == 2 and summary["smallest_shape"] == [1, 2, 3, 64]
+
+
 @pytest.mark.extras
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--sweep", "-f", "keras"], "--sweep has shapes for torch only, not for keras"),
+        (["--sweep", "-f", "keras"], "--sweep has shapes for torch, flax only, not for keras"),
         (["--sweep", "-f", "torch", "--accuracy"], "--sweep measures speed"),
         (["-f", "keras", "--threads", "1,2"], "keras take theirs at start-up"),
     ],

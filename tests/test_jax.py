@@ -182,6 +182,32 @@ def test_vmap_of_large_groups_with_a_far_corner() -> None:
     assert np.max(np.abs(np.asarray(y, np.float64) - reference_group_norm(x, 4))) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Config((1, 64, 64, 64), groups=8, channels_axis=-1, reduction_axes=(1, 2)),  # NHWC, per channel first
+        Config((1, 64, 16, 16), groups=8, channels_axis=1, reduction_axes=(2, 3)),  # NCHW
+        Config((1, 8, 8, 64), groups=8, channels_axis=-1, reduction_axes=(1, 2), affine=False),  # small: direct
+        Config((1, 13, 17, 32), groups=4, channels_axis=-1, reduction_axes=(1, 2)),  # no even split of 221
+        Config((1, 7, 32), groups=4, channels_axis=-1, reduction_axes=(1,)),  # a prime extent: not split
+    ],
+    ids=["nhwc", "nchw", "small", "odd", "prime"],
+)
+def test_batch_of_one_values_and_gradients(cfg: Config) -> None:
+    """A batch of one runs its output through a split of the positions (for XLA's sake): float32 values and
+    gradients against float64, and forward mode against reverse mode."""
+    a = cfg.arrays(np.float32, mean_over_std=100.0)
+    _check_against_numpy(cfg, a, rtol=2e-4, atol=2e-4)
+    x, g, b, ct = (jnp.asarray(a[k]) if a[k] is not None else None for k in ("x", "gamma", "beta", "cotangent"))
+
+    def loss(x: jax.Array) -> jax.Array:
+        return jnp.sum(_forward(cfg, x, g, b) * ct)
+
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    forward = jax.jit(lambda x, v: jax.jvp(loss, (x,), (v,))[1])(x, v)
+    np.testing.assert_allclose(float(forward), float(jnp.vdot(jax.jit(jax.grad(loss))(x), v)), rtol=1e-3)
+
+
 def test_grad_checkpoint_and_jit_agree_with_numpy_vjp() -> None:
     with jax.enable_x64(True):
         x, g, b, ct = _cfg_arrays(np.float64)

@@ -55,24 +55,25 @@ class Sweep:
     shapes: tuple[tuple[int, ...], ...]
 
 
-#: framework -> its sweep. torch's: the activations of Stable-Diffusion-like UNets and VAEs (NCHW), from
-#: a tiny one to the 64 MiB ones.
+#: The activations of Stable-Diffusion-like UNets and VAEs, (N, C, H, W), from a tiny one to the 64 MiB ones.
+_UNET_SHAPES = (
+    (2, 32, 8, 8),
+    (1, 128, 16, 16),
+    (2, 320, 64, 64),
+    (2, 640, 32, 32),
+    (2, 1280, 16, 16),
+    (2, 1280, 8, 8),
+    (1, 512, 64, 64),
+    (1, 512, 128, 128),
+    (1, 256, 256, 256),
+    (16, 256, 64, 64),
+)
+
+#: framework -> its sweep: the same activations in the layout of the framework's layer (torch: NCHW, run
+#: contiguous and channels_last; Flax: NHWC).
 SWEEPS = {
-    "torch": Sweep(
-        "NCHW",
-        (
-            (2, 32, 8, 8),
-            (1, 128, 16, 16),
-            (2, 320, 64, 64),
-            (2, 640, 32, 32),
-            (2, 1280, 16, 16),
-            (2, 1280, 8, 8),
-            (1, 512, 64, 64),
-            (1, 512, 128, 128),
-            (1, 256, 256, 256),
-            (16, 256, 64, 64),
-        ),
-    ),
+    "torch": Sweep("NCHW", _UNET_SHAPES),
+    "flax": Sweep("NHWC", tuple((n, h, w, c) for n, c, h, w in _UNET_SHAPES)),
 }
 #: "forward" times the forward pass; "forward+backward" the forward pass and the gradient of a scalar
 #: loss ``sum(y * cotangent)`` with respect to the input and the parameters.
