@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from groupnorm import demo
 from groupnorm.cli import main
-from groupnorm.demo import data
+from groupnorm.demo import data, report
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -22,26 +24,41 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_parse_defaults_and_flags() -> None:
     args = parse()
-    assert (args.out, args.data, args.quick, args.epochs, args.samples, args.seed) == (
+    assert (args.out, args.data, args.quick, args.epochs, args.samples, args.seed, args.seeds, args.threads) == (
         Path("."),
         None,
         False,
         None,
         None,
         0,
+        demo.SEEDS,
+        1,
     )
-    assert args.threads >= 1
-    args = parse("--quick", "--out", "o", "--data", "d.npz", "--epochs", "3", "--samples", "500", "--seed", "7")
-    assert (args.out, args.data, args.quick, args.epochs, args.samples, args.seed) == (
+    assert 1 <= args.workers <= 2
+    args = parse(
+        "--quick", "--out", "o", "--data", "d.npz", "--epochs", "3", "--samples", "500", "--seed", "7", "--seeds", "2",
+        "--workers", "1", "--threads", "2",
+    )  # fmt: skip
+    assert (args.out, args.data, args.quick, args.epochs, args.samples, args.seed, args.seeds, args.workers) == (
         Path("o"),
         Path("d.npz"),
         True,
         3,
         500,
         7,
+        2,
+        1,
     )
+    assert args.threads == 2
     with pytest.raises(SystemExit):
         parse("--epochs", "two")
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--seeds", "--workers", "--threads"])
+def test_counts_below_one_are_refused(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", flag, "0", "--out", str(tmp_path / "out")]) == 2  # refused before any data or training
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_synthetic_data_is_deterministic_and_standardized() -> None:
@@ -56,9 +73,19 @@ def test_synthetic_data_is_deterministic_and_standardized() -> None:
     assert set(np.unique(a.train_y)) == set(range(len(data.SHAPES)))
     assert abs(float(a.train_x.mean())) < 1e-3
     assert abs(float(a.train_x.std()) - 1) < 1e-3
-    # brightness and contrast vary per image: the per-image means and spreads differ widely
-    spreads = a.train_x.std(axis=(1, 2, 3))
-    assert spreads.max() / spreads.min() > 2
+
+
+def test_synthetic_images_share_one_brightness_and_contrast() -> None:
+    # Without pixel noise, every pixel is background (0) or shape (1), plus stripes of strength <= 0.3.
+    # A per-image offset or gain, which per-image normalizations remove and BatchNorm does not, would move
+    # an image's two levels away from 0 and 1.
+    images, labels = data.synthetic_images(400, noise=0.0, seed=1)
+    pixels = images.reshape(len(images), -1)
+    background, shape = np.abs(pixels) <= 0.3 + 1e-6, np.abs(pixels - 1) <= 0.3 + 1e-6
+    assert (background | shape).all()
+    assert background.any(axis=1).all() and shape.any(axis=1).all()  # each image shows both levels
+    assert pixels.min() < -0.25 and pixels.max() > 1.25  # the stripes are there, up to their full strength
+    assert set(np.unique(labels)) == set(range(len(data.SHAPES)))
 
 
 @pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW", "NHW1"])
@@ -130,36 +157,72 @@ def test_cli_reports_bad_data_without_training(tmp_path: Path, capsys: pytest.Ca
     assert "--samples" in capsys.readouterr().err
 
 
-def check_outputs(out: Path, stdout: str) -> dict[str, object]:
+def check_outputs(out: Path, stdout: str, seeds: int) -> dict[str, Any]:
     results = json.loads((out / "groupnorm-demo.json").read_text())
+    val = results["val_samples"]
+
+    def check_cell(values: list[float]) -> None:
+        assert len(values) == seeds
+        assert all(0 <= e <= 1 for e in values)
+        assert all(abs(e * val - round(e * val)) < 1e-4 for e in values)  # a fraction of the held-out images
+
     assert results["batch_sizes"] == [32, 16, 8, 4, 2]
+    assert results["seeds"] == list(range(seeds))
     assert list(results["val_error"]) == ["BN", "LN", "IN", "GN"]
-    for kind in results["val_error"]:
-        assert sorted(results["val_error"][kind], key=int, reverse=True) == ["32", "16", "8", "4", "2"]
-        assert all(0 <= e <= 1 for e in results["val_error"][kind].values())
-        # the error is a fraction of the held-out images
-        assert all(
-            abs(e * results["val_samples"] - round(e * results["val_samples"])) < 1e-6
-            for e in results["val_error"][kind].values()
-        )
+    for kind, cells in results["val_error"].items():
+        # BatchNorm and GroupNorm at every batch size, LayerNorm and InstanceNorm at 32 (as in the paper)
+        expected = ["32", "16", "8", "4", "2"] if kind in ("BN", "GN") else ["32"]
+        assert list(cells) == expected
+        for values in cells.values():
+            check_cell(values)
+    extra = results["extra"]
+    assert list(extra["val_error"]) == list(extra["layers"]) == ["groupnorm", "torch"]
+    for layer in extra["layers"]:
+        assert list(extra["val_error"][layer]) == list(extra["inputs"])
+        for values in extra["val_error"][layer].values():
+            check_cell(values)
+        assert all(len(v) == seeds and all(e >= 0 for e in v) for v in extra["norm_error"][layer].values())
+    # the extra table's groupnorm, NCHW cell is the main table's GroupNorm at batch 32, trained once
+    assert extra["val_error"]["groupnorm"]["contiguous"] == results["val_error"]["GN"]["32"]
+    # groupnorm's first GroupNorm is exact to float32 rounding on every input, offset included
+    assert max(max(v) for v in extra["norm_error"]["groupnorm"].values()) < 1e-4
     png = (out / "groupnorm-demo.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 10_000
-    for name in ("BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm"):
+    for name in ("BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "torch.nn.GroupNorm"):
         assert name in stdout
-    bn_32 = results["val_error"]["BN"]["32"]  # type: ignore[index]
-    assert f"{100 * bn_32:.1f}" in stdout
+    bn_32 = results["val_error"]["BN"]["32"]
+    mean, spread = statistics.fmean(bn_32), statistics.stdev(bn_32) if seeds > 1 else 0.0
+    assert f"{100 * mean:.1f} ± {100 * spread:.1f}" in stdout
     return results
 
 
 def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    results = check_outputs(tmp_path, capsys.readouterr().out)
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0  # as a user runs it: 3 seeds, 2 workers
+    results = check_outputs(tmp_path, capsys.readouterr().out, demo.SEEDS)
     assert results["epochs"] == demo.QUICK[1]
-    assert results["train_samples"] + results["val_samples"] == demo.QUICK[0]  # type: ignore[operator]
+    assert results["train_samples"] + results["val_samples"] == demo.QUICK[0]
     # on the synthetic shapes, every network learns something in the quick run
     chance = 1 - 1 / len(data.SHAPES)
-    assert min(min(v.values()) for v in results["val_error"].values()) < chance  # type: ignore[attr-defined]
+    assert max(max(v) for cells in results["val_error"].values() for v in cells.values()) < chance
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    # every training is seeded on its own, so running them on 2 processes or in this one gives the same errors
+    errors = []
+    for workers in (1, 2):
+        argv = ["demo", "--samples", "300", "--epochs", "1", "--seeds", "1", "--workers", str(workers)]
+        assert main([*argv, "--out", str(tmp_path / str(workers))]) == 0
+        results = json.loads((tmp_path / str(workers) / "groupnorm-demo.json").read_text())
+        errors.append((results["val_error"], results["extra"]["val_error"]))
+    assert errors[0] == errors[1]
+
+
+def test_report_cells_are_mean_and_sample_spread() -> None:
+    values = [0.04, 0.05, 0.09]
+    assert report.cell(values) == f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+    assert report.cell([0.125]) == "12.5 ± 0.0"
+    assert report.cell(None) == report.cell([]) == "-"
 
 
 def test_own_data_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,7 +230,8 @@ def test_own_data_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     labels = np.arange(80) % 2
     images = rng.normal(size=(80, 10, 10, 3)) + labels[:, None, None, None]  # NHWC, class shifts the level
     np.savez(tmp_path / "mine.npz", images=images, labels=labels)
-    assert main(["demo", "--data", str(tmp_path / "mine.npz"), "--epochs", "1", "--out", str(tmp_path)]) == 0
-    results = check_outputs(tmp_path, capsys.readouterr().out)
+    argv = ["demo", "--data", str(tmp_path / "mine.npz"), "--epochs", "1", "--seeds", "2", "--workers", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    results = check_outputs(tmp_path, capsys.readouterr().out, 2)
     assert results["train_samples"] == 60
     assert "mine.npz" in str(results["data"])
