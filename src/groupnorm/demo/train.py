@@ -2,8 +2,8 @@
 
 This is where the demo uses the library: ``groupnorm.torch.GroupNorm`` is a drop-in for
 ``torch.nn.GroupNorm``, and LayerNorm and InstanceNorm are its two extreme cases (one group; one group
-per channel). BatchNorm is PyTorch's own ``BatchNorm2d``. The trainings run in worker processes (one
-per core by default), each reporting its progress to the parent, which draws the progress bars.
+per channel). BatchNorm is PyTorch's own ``BatchNorm2d``. The trainings run in worker processes (two by
+default), each reporting its progress to the parent, which draws the progress bars.
 """
 
 from __future__ import annotations
@@ -138,17 +138,10 @@ class Job:
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def first_norm_error(model: Net, images: torch.Tensor) -> float:
-    """Largest deviation of the first normalization's output on ``images`` from the same layer in float64."""
-    norm = next(m for m in model.features if isinstance(m, nn.GroupNorm | nn.BatchNorm2d))
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = norm.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
-    with torch.no_grad():
-        model(images)
-    handle.remove()
-    x, y = seen[0]
-    if isinstance(norm, nn.BatchNorm2d):
-        return 0.0  # evaluated with its running averages: nothing is reduced over the input
+def first_norm_error(norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest deviation of ``y``, the output of ``norm`` on ``x``, from the same GroupNorm in float64."""
+    if not isinstance(norm, nn.GroupNorm):
+        return 0.0  # BatchNorm is evaluated with its running averages: nothing is reduced over the input
     weight, bias = (p.detach().double() for p in (norm.weight, norm.bias))
     reference = nn.functional.group_norm(x.double(), norm.num_groups, weight, bias, norm.eps)
     return float((y.double() - reference).abs().max())
@@ -198,14 +191,23 @@ def train_and_evaluate(
             if step % 50 == 0 or step == total:
                 progress(50 if step % 50 == 0 else step % 50)
     model.eval()  # BatchNorm now uses its running averages; the GroupNorm family needs no batch
+    norm = next(m for m in model.features if isinstance(m, nn.GroupNorm | nn.BatchNorm2d))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep_first_chunk(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not seen:  # the first norm's input and output on the first 500 validation images
+            seen.append((args[0], output))
+
+    hook = norm.register_forward_hook(keep_first_chunk)
     with torch.no_grad():
         wrong = sum(
             int((model(val_x[i : i + 500]).argmax(1) != val_y[i : i + 500]).sum()) for i in range(0, len(val_y), 500)
         )
+    hook.remove()
     return {
         "val_error": wrong / len(val_y),
         "seconds": time.perf_counter() - started,
-        "norm_error": first_norm_error(model, val_x[:500]),
+        "norm_error": first_norm_error(norm, *seen[0]),
     }
 
 
