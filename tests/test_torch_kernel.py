@@ -51,7 +51,9 @@ LAYOUTS = {
     "nhwc": ((2, 6, 10, 16), 4, -1, (1, 2), torch.contiguous_format),
     "sequence-nlc": ((3, 17, 12), 3, -1, (1,), torch.contiguous_format),
     "features-nc": ((5, 12), 6, 1, (), torch.contiguous_format),
-    "single-sample-nhwc": ((40, 30, 8), 2, -1, (0, 1), torch.contiguous_format),  # rows split across tasks
+    "single-sample-nhwc": ((80, 60, 64), 2, -1, (0, 1), torch.contiguous_format),  # rows split across tasks
+    # channels innermost and small enough to stay in cache: tasks of whole groups, groups split across tasks
+    "channels-last-groups-split": ((2, 640, 8, 8), 32, 1, (2, 3), torch.channels_last),
     "single-sample-nchw": ((64, 40, 30), 8, 0, (1, 2), torch.contiguous_format),  # groups split across tasks
     "one-group": ((2, 8, 5, 7), 1, 1, (2, 3), torch.channels_last),
     "nchw-rows-shorter-than-the-corner": ((2, 16, 2, 3), 4, 1, (2, 3), torch.contiguous_format),
@@ -109,8 +111,13 @@ def test_without_parameters_and_without_shift(affine: bool) -> None:
 
 
 @pytest.mark.usefixtures("kernel_only")
-def test_results_do_not_depend_on_the_thread_count() -> None:
-    x = torch.from_numpy(hard_data((1, 32, 64, 48), 1, 100.0, dtype=np.float32))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 32, 64, 48), (1, 64, 96, 48)],
+    ids=["groups-split-across-tasks", "rows-split-across-tasks"],
+)
+def test_results_do_not_depend_on_the_thread_count(shape: tuple[int, ...]) -> None:
+    x = torch.from_numpy(hard_data(shape, 1, 100.0, dtype=np.float32))
     x = x.contiguous(memory_format=torch.channels_last)
     before = torch.get_num_threads()
     try:

@@ -84,6 +84,58 @@ def test_inplace_residual_add_on_the_output_trains_like_torch() -> None:
         close(a, b)
 
 
+# ------------------------------------------------------------------------------- the autograd graph
+
+
+def _backward_error(gn: nn.Module, x: torch.Tensor, between: Callable[[torch.Tensor, torch.Tensor], None]) -> str:
+    leaf = x.clone().requires_grad_()
+    inner = leaf * 1.0
+    y = gn(inner)
+    between(y, inner)
+    with pytest.raises(RuntimeError) as info:
+        y.sum().backward()
+    return str(info.value).split(":")[0]
+
+
+def test_the_graph_refuses_what_torch_refuses() -> None:
+    """A second backward without ``retain_graph``, and an input modified in place after the forward pass,
+    raise torch's own errors (float32: the kernel path)."""
+    ours, theirs = pair(4, 8)
+    x = data(2, 8, 5, 5)
+
+    def twice(y: torch.Tensor, inner: torch.Tensor) -> None:
+        y.sum().backward(retain_graph=False)
+
+    def modified(y: torch.Tensor, inner: torch.Tensor) -> None:
+        inner.add_(1.0)
+
+    for between in (twice, modified):
+        assert _backward_error(ours, x, between) == _backward_error(theirs, x, between)
+
+
+@pytest.mark.parametrize("grads_of", ["input", "weight", "all"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_retained_graph_and_partial_gradients_equal_torch(grads_of: str, bias: bool) -> None:
+    """Two backward passes through a retained graph accumulate as torch's do, with and without a bias,
+    for the input alone, the parameters alone, or both."""
+    ours, theirs = pair(4, 8, bias=bias)
+    x, dy = data(2, 8, 5, 5), data(2, 8, 5, 5, seed=4)
+    results = []
+    for gn in (ours, theirs):
+        gn.zero_grad(set_to_none=True)
+        for p in gn.parameters():
+            p.requires_grad_(grads_of != "input")
+        leaf = x.clone().requires_grad_(grads_of != "weight")
+        y = gn(leaf)
+        y.backward(dy, retain_graph=True)
+        y.backward(dy * 2)
+        results.append([leaf.grad] + [p.grad for p in gn.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            close(a, b)
+
+
 # -------------------------------------------------------------------------------------- torch.func
 
 

@@ -10,9 +10,10 @@
    eight rows; a task whose float32 squares overflow is summed again in float64). The output is
    (x - shift) * scale + offset.
 
-   Work is split into tasks of whole rows of K, or of A (and, where B > 1, of whole groups), each writing
-   its own partial sums, which are then added in a fixed order. The split depends on the shape alone, so
-   results do not depend on the number of threads. */
+   Work is split into tasks of whole rows of K, or of A, or of whole groups (where B > 1, or where channels
+   are innermost and a row of K fits in cache), each writing its own partial sums, which are then added in
+   a fixed order. The split depends on the shape alone, so results do not depend on the number of
+   threads. */
 
 #if defined(__linux__)
 #define _DEFAULT_SOURCE /* madvise */
@@ -55,6 +56,9 @@ static inline vdouble widen_high(vfloat f) {
 #define COEFS 5
 /* tasks wanted at least, where the input allows: enough to keep 16 threads busy */
 #define TASKS 16
+/* elements of a row of K that a task holding whole groups of channels-innermost input reads from cache
+   (1 MiB of float32) */
+#define CACHED_ROW ((i64)1 << 18)
 
 /* A parallel loop over tasks [0, n): body(ctx, begin, end) runs each range once. A host that has its own
    thread pool installs it with groupnorm_set_parallel (torch's, for the C++ operators: one runtime in the
@@ -155,8 +159,13 @@ static split make_split(i64 K, i64 A, i64 C, i64 B, i64 G) {
     split s = {K, A, C, B, G, C / G, A, 1, G, 1};
     const i64 per_a = C * B;      /* elements in one row of A */
     const i64 min_task = 1 << 15; /* elements: below this a task costs more to start than to run */
+    /* Channels innermost (B == 1) and a row of K that stays in cache: tasks of whole groups (every row of
+       A, a range of channels), which finish their groups while the rows are in cache instead of reading
+       them again after a second parallel pass. Beyond that size a task's rows, short strided runs, come
+       from memory slower than whole rows do, and the rows are split instead. */
+    const int whole_rows = B == 1 && A * C <= CACHED_ROW;
     i64 tasks_k = K;
-    if (tasks_k < TASKS && A > 1) {
+    if (tasks_k < TASKS && A > 1 && !whole_rows) {
         i64 chunks = (TASKS + K - 1) / K;
         i64 step = (A + chunks - 1) / chunks;
         i64 floor_step = (min_task + per_a - 1) / per_a;
@@ -166,7 +175,7 @@ static split make_split(i64 K, i64 A, i64 C, i64 B, i64 G) {
         s.a_chunks = (A + step - 1) / step;
         tasks_k = K * s.a_chunks;
     }
-    if (tasks_k < TASKS && B > 1 && G > 1) {
+    if (tasks_k < TASKS && (B > 1 || whole_rows) && G > 1) {
         i64 chunks = (TASKS + tasks_k - 1) / tasks_k;
         i64 step = (G + chunks - 1) / chunks;
         i64 per_g = s.a_step * s.cg * B;

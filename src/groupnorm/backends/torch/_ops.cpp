@@ -15,7 +15,9 @@
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -312,74 +314,87 @@ Three backward_cpu(const Tensor &grad_out, const Tensor &input, const OptTensor 
 
 // ---- autograd ----------------------------------------------------------------------------------------
 
-struct Forward : public torch::autograd::Function<Forward> {
-    static torch::autograd::variable_list forward(torch::autograd::AutogradContext *ctx, const Tensor &input,
-                                                  const OptTensor &weight, const OptTensor &bias, int64_t groups,
-                                                  int64_t channels_axis, at::IntArrayRef axes, double eps,
-                                                  bool mean_close_to_zero, OptStr activation, bool keep_pre) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        static auto forward_op = op("groupnorm::forward").typed<ForwardSig>();
-        auto [out, pre, shift, mean, rstd] =
-            forward_op.call(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
-                            keep_pre);
-        ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), pre, shift, mean, rstd});
-        ctx->saved_data["groups"] = groups;
-        ctx->saved_data["channels_axis"] = channels_axis;
-        ctx->saved_data["axes"] = axes.vec();
-        ctx->saved_data["eps"] = eps;
-        ctx->saved_data["mean_close_to_zero"] = mean_close_to_zero;
-        ctx->saved_data["activation"] = activation ? std::string(*activation) : std::string();
-        ctx->mark_non_differentiable({pre, shift, mean, rstd});
-        return {out, pre, shift, mean, rstd};
+// The gradient of groupnorm::forward, a node of the autograd graph written as torch's generated ones are
+// (saved variables and plain fields): what a custom Function's bookkeeping would add costs more than the
+// backward kernel of a small layer. Its three next edges are input, weight and bias (an absent one is an
+// empty edge); its one input is the gradient of the output.
+struct ForwardBackward final : public torch::autograd::Node {
+    torch::autograd::SavedVariable input_, weight_, bias_, pre_, shift_, mean_, rstd_;
+    bool has_weight = false, has_bias = false, mean_close_to_zero = false;
+    int64_t groups = 0, channels_axis = 0;
+    std::vector<int64_t> axes;
+    double eps = 0.0;
+    std::optional<std::string> activation;
+
+    std::string name() const override { return "GroupNormBackward"; }
+
+    void release_variables() override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto *v : {&input_, &weight_, &bias_, &pre_, &shift_, &mean_, &rstd_}) v->reset_data();
     }
 
-    static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
-                                                   torch::autograd::variable_list grads) {
-        auto saved = ctx->get_saved_variables();
-        const Tensor &input = saved[0];
-        OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
-        OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-        const int64_t groups = ctx->saved_data["groups"].toInt();
-        const int64_t channels_axis = ctx->saved_data["channels_axis"].toInt();
-        const std::vector<int64_t> axes = ctx->saved_data["axes"].toIntVector();
-        const double eps = ctx->saved_data["eps"].toDouble();
-        const bool mean_close_to_zero = ctx->saved_data["mean_close_to_zero"].toBool();
-        const std::string act = ctx->saved_data["activation"].toStringRef();
-        OptStr activation = act.empty() ? OptStr() : OptStr(act);
-        // (autograd numbers only the tensors given: an absent weight moves the bias's index down)
-        const size_t bias_edge = weight.has_value() ? 2 : 1;
-        std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.has_value() && ctx->needs_input_grad(1),
-                                    bias.has_value() && ctx->needs_input_grad(bias_edge)};
+    torch::autograd::variable_list apply(torch::autograd::variable_list &&grads) override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        const Tensor input = input_.unpack();
+        OptTensor weight = has_weight ? OptTensor(weight_.unpack()) : std::nullopt;
+        OptTensor bias = has_bias ? OptTensor(bias_.unpack()) : std::nullopt;
+        OptStr act = activation ? OptStr(*activation) : OptStr();
+        std::array<bool, 3> mask = {task_should_compute_output(0), has_weight && task_should_compute_output(1),
+                                    has_bias && task_should_compute_output(2)};
         Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(input);
         Tensor dx, dw, db;
         if (c10::GradMode::is_enabled()) {  // create_graph: a gradient autograd can differentiate again
             static auto grad_op = op("groupnorm::_composite_grad").typed<CompositeGradSig>();
-            std::tie(dx, dw, db) = grad_op.call(dy, input, weight, bias, groups, channels_axis, axes, eps,
-                                                mean_close_to_zero, activation, mask);
+            std::tie(dx, dw, db) =
+                grad_op.call(dy, input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, act, mask);
         } else {
             static auto backward_op = op("groupnorm::backward").typed<BackwardSig>();
-            std::tie(dx, dw, db) = backward_op.call(dy, input, weight, bias, saved[3], saved[4], saved[5], saved[6],
-                                                    groups, channels_axis, axes, eps, mean_close_to_zero, activation,
-                                                    mask);
+            std::tie(dx, dw, db) =
+                backward_op.call(dy, input, weight, bias, pre_.unpack(), shift_.unpack(), mean_.unpack(),
+                                 rstd_.unpack(), groups, channels_axis, axes, eps, mean_close_to_zero, act, mask);
         }
         auto pick = [](bool need, const Tensor &t) { return need ? t : Tensor(); };
-        return {pick(mask[0], dx), pick(mask[1], dw), pick(mask[2], db), Tensor(), Tensor(), Tensor(), Tensor(),
-                Tensor(), Tensor(), Tensor()};
+        return {pick(mask[0], dx), pick(mask[1], dw), pick(mask[2], db)};
     }
 };
+
+bool has_tangent(const OptTensor &t) { return t.has_value() && t->defined() && t->_fw_grad(0).defined(); }
 
 Five forward_autograd(const Tensor &input, const OptTensor &weight, const OptTensor &bias, int64_t groups,
                       int64_t channels_axis, at::IntArrayRef axes, double eps, bool mean_close_to_zero,
                       OptStr activation, bool keep_pre) {
-    if (!requires_grad(input, weight, bias)) {  // no graph to record: straight to the kernel
+    static auto forward_op = op("groupnorm::forward").typed<ForwardSig>();
+    const bool record = requires_grad(input, weight, bias);
+    TORCH_CHECK(!(record && (has_tangent(input) || has_tangent(weight) || has_tangent(bias))),
+                "groupnorm::forward has no forward-mode derivative: forward-mode AD runs through "
+                "groupnorm::group_norm, which takes the differentiable composite");
+    Five r;
+    {
         at::AutoDispatchBelowADInplaceOrView guard;
-        static auto forward_op = op("groupnorm::forward").typed<ForwardSig>();
-        return forward_op.call(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
-                               keep_pre);
-    }
-    auto r = Forward::apply(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
+        r = forward_op.call(input, weight, bias, groups, channels_axis, axes, eps, mean_close_to_zero, activation,
                             keep_pre);
-    return {r[0], r[1], r[2], r[3], r[4]};
+    }
+    if (!record) return r;  // no graph to record
+    auto &[out, pre, shift, mean, rstd] = r;
+    auto node = c10::make_intrusive<ForwardBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+    node->has_weight = weight.has_value() && weight->defined();
+    node->has_bias = bias.has_value() && bias->defined();
+    node->input_ = torch::autograd::SavedVariable(input, false);
+    if (node->has_weight) node->weight_ = torch::autograd::SavedVariable(*weight, false);
+    if (node->has_bias) node->bias_ = torch::autograd::SavedVariable(*bias, false);
+    node->pre_ = torch::autograd::SavedVariable(pre, false);
+    node->shift_ = torch::autograd::SavedVariable(shift, false);
+    node->mean_ = torch::autograd::SavedVariable(mean, false);
+    node->rstd_ = torch::autograd::SavedVariable(rstd, false);
+    node->groups = groups;
+    node->channels_axis = channels_axis;
+    node->axes = axes.vec();
+    node->eps = eps;
+    node->mean_close_to_zero = mean_close_to_zero;
+    if (activation) node->activation = std::string(*activation);
+    torch::autograd::set_history(out, node);
+    return r;
 }
 
 // the kernel's parallel loops run on torch's thread pool
