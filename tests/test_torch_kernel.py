@@ -98,6 +98,28 @@ def test_values_and_gradients_match_float64(name: str, mean_over_std: float, act
 
 
 @pytest.mark.usefixtures("kernel_only")
+@pytest.mark.parametrize("mean", [0.0, 0.5, 3.0, 1e4])
+@pytest.mark.parametrize("name", ["nchw-channels-last", "nhwc", "channels-last-groups-split"])
+def test_input_gradient_along_the_output_is_exact(name: str, mean: float) -> None:
+    """A cotangent along the normalized output (``dy = y + noise``, as a loss near its optimum gives) makes
+    the gradient's per-group terms as large as they get, so that a rounding that grows with the shift (a
+    group mean far from zero, against a spread of 1) shows: the kernel's values and input gradient against
+    float64."""
+    shape, groups, axis, reduce, memory_format = LAYOUTS[name]
+    rng = np.random.default_rng(3)
+    x = (mean + rng.standard_normal(shape)).astype(np.float32)
+    want_y = reference_group_norm(x, groups, axis, reduce, epsilon=1e-5)
+    dy = (want_y + rng.standard_normal(shape)).astype(np.float32)
+    xt = torch.from_numpy(x).contiguous(memory_format=memory_format).requires_grad_()
+    y = gt.group_norm(xt, groups, channels_axis=axis, reduction_axes=reduce)
+    y.backward(torch.from_numpy(dy))
+    want = groupnorm.numpy.vjp(x.astype(np.float64), dy.astype(np.float64), groups, axis, reduce, epsilon=1e-5)
+    assert xt.grad is not None
+    assert np.abs(y.detach().double().numpy() - want_y).max() <= 1e-6 * np.abs(want_y).max()
+    assert np.abs(xt.grad.double().numpy() - want.inputs).max() <= 1e-6 * np.abs(want.inputs).max()
+
+
+@pytest.mark.usefixtures("kernel_only")
 @pytest.mark.parametrize("affine", [True, False])
 def test_without_parameters_and_without_shift(affine: bool) -> None:
     x = hard_data((3, 8, 9, 4), 1, 0.0, dtype=np.float32)

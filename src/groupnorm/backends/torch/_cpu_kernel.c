@@ -8,7 +8,9 @@
    (its first 8 reduced positions, every channel of the group), so that x - shift is exact for values near the mean, and the sums of
    (x - shift) and its square accumulate in float64 (where channels are innermost, from float32 sums of
    eight rows; a task whose float32 squares overflow is summed again in float64). The output is
-   (x - shift) * scale + offset.
+   (x - shift) * scale + offset; where channels are innermost and the shift is within one standard
+   deviation of zero, x * scale + (offset - shift * scale), which reads one coefficient stream fewer and
+   differs from it by rounding of the output's own order (the input gradient likewise).
 
    Work is split into tasks of whole rows of K, or of A, or of whole groups (where B > 1, or where channels
    are innermost and a row of K fits in cache), each writing its own partial sums, which are then added in
@@ -365,18 +367,28 @@ static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, c
     const i64 A = s->A, C = s->C, B = s->B;
     const float *restrict sh = coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
     const float *restrict mq = m0 + C, *restrict rr = mq + C;
+    /* channels innermost: where every shift of the range is zero (folded into the offset: see
+       forward_coefficients), the same values from one coefficient stream fewer (x - 0 is x) */
+    int zero = B == 1;
+    for (i64 c = c0; c < c1 && zero; c++) zero = sh[c] == 0.0f;
     if (B == 1 && q) {
         for (i64 a = a0; a < a1; a++) {
             const float *restrict row = p + (k * A + a) * C, *restrict qrow = q + (k * A + a) * C;
             float *restrict dst = out + (k * A + a) * C;
-            for (i64 c = c0; c < c1; c++)
-                dst[c] = rr[c] * (qrow[c] * mq[c] + ((row[c] - sh[c]) * m1[c] + m0[c]));
+            if (zero)
+                for (i64 c = c0; c < c1; c++) dst[c] = rr[c] * (qrow[c] * mq[c] + (row[c] * m1[c] + m0[c]));
+            else
+                for (i64 c = c0; c < c1; c++)
+                    dst[c] = rr[c] * (qrow[c] * mq[c] + ((row[c] - sh[c]) * m1[c] + m0[c]));
         }
     } else if (B == 1) {
         for (i64 a = a0; a < a1; a++) {
             const float *restrict row = p + (k * A + a) * C;
             float *restrict dst = out + (k * A + a) * C;
-            for (i64 c = c0; c < c1; c++) dst[c] = (row[c] - sh[c]) * m1[c] + m0[c];
+            if (zero)
+                for (i64 c = c0; c < c1; c++) dst[c] = row[c] * m1[c] + m0[c];
+            else
+                for (i64 c = c0; c < c1; c++) dst[c] = (row[c] - sh[c]) * m1[c] + m0[c];
         }
     } else {
         for (i64 a = a0; a < a1; a++) {
@@ -596,10 +608,17 @@ static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0
         float *restrict sh = f->coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
         const float *restrict gamma = f->gamma, *restrict beta = f->beta;
         const float group_shift = f->shift[k * C + g * cg];
+        /* Channels innermost: a shift within one standard deviation of zero is folded into the offset,
+           y = x * scale + (offset - shift * scale), which costs the output pass one coefficient stream
+           fewer. Its extra rounding, of x * scale and of the folded offset, is at most twice 2^-24 |shift *
+           scale| <= 2^-23 |gamma|: of the order of the output's own. A larger shift (a mean far from zero
+           against the spread, where subtracting it first is what keeps the output exact) stays. */
+        const int fold = s->B == 1 && fabs((double)group_shift) * rstd <= 1.0;
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double scale = gamma ? rstd * gamma[c] : rstd;
-            const double offset = beta ? beta[c] - mean * scale : -mean * scale;
-            sh[c] = group_shift;
+            const double centre = fold ? mean + group_shift : mean;
+            const double offset = beta ? beta[c] - centre * scale : -centre * scale;
+            sh[c] = fold ? 0.0f : group_shift;
             m1[c] = (float)scale;
             m0[c] = (float)offset;
         }
@@ -658,12 +677,15 @@ static void backward_coefficients(const split *s, const void *args, i64 k, i64 c
         }
         mg /= n;
         mgx /= n;
+        /* a shift within one standard deviation of zero folded into m0, as in forward_coefficients */
+        const double shift = b->shift[k * C + g * cg];
+        const int fold = s->B == 1 && fabs(shift) * r <= 1.0;
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double gc = b->gamma ? b->gamma[c] : 1.0;
             float *cf = b->coef + k * C * COEFS + c;
-            cf[0] = b->shift[k * C + c];
+            cf[0] = fold ? 0.0f : (float)shift;
             cf[C] = (float)(-r * mgx);
-            cf[2 * C] = (float)(r * mean * mgx - mg);
+            cf[2 * C] = (float)(r * (fold ? mean + shift : mean) * mgx - mg);
             cf[3 * C] = (float)gc;
             cf[4 * C] = (float)r;
         }
