@@ -368,7 +368,7 @@ static void task_affine(const split *s, i64 k, i64 a0, i64 a1, i64 c0, i64 c1, c
     const float *restrict sh = coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
     const float *restrict mq = m0 + C, *restrict rr = mq + C;
     /* channels innermost: where every shift of the range is zero (folded into the offset: see
-       forward_coefficients), the same values from one coefficient stream fewer (x - 0 is x) */
+       folds_shift), the same values from one coefficient stream fewer (x - 0 is x) */
     int zero = B == 1;
     for (i64 c = c0; c < c1 && zero; c++) zero = sh[c] == 0.0f;
     if (B == 1 && q) {
@@ -585,6 +585,16 @@ typedef struct {
     float *shift_out, *mean_out, *rstd_out, *coef;
 } forward_args;
 
+/* Whether a group's shift is folded into the output's offset, y = x * scale + (offset - shift * scale),
+   in the forward pass and the input gradient alike: where channels are innermost (the output pass then
+   reads one coefficient stream fewer) and the shift is within one standard deviation of zero. The extra
+   rounding, of x * scale and of the folded offset, is at most twice 2^-24 |shift * scale| <= 2^-23 |gamma|:
+   of the order of the output's own. A larger shift (a mean far from zero against the spread, where
+   subtracting it first is what keeps the output exact) stays. NaN statistics never fold. */
+static inline int folds_shift(const split *s, double shift, double rstd) {
+    return s->B == 1 && fabs(shift) * rstd <= 1.0;
+}
+
 /* Statistics and output coefficients of row k's groups in channels [c0, c1), from their sums. */
 static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0, i64 c1, const double *s1,
                                  const double *s2) {
@@ -608,12 +618,7 @@ static void forward_coefficients(const split *s, const void *args, i64 k, i64 c0
         float *restrict sh = f->coef + k * C * COEFS, *restrict m1 = sh + C, *restrict m0 = m1 + C;
         const float *restrict gamma = f->gamma, *restrict beta = f->beta;
         const float group_shift = f->shift[k * C + g * cg];
-        /* Channels innermost: a shift within one standard deviation of zero is folded into the offset,
-           y = x * scale + (offset - shift * scale), which costs the output pass one coefficient stream
-           fewer. Its extra rounding, of x * scale and of the folded offset, is at most twice 2^-24 |shift *
-           scale| <= 2^-23 |gamma|: of the order of the output's own. A larger shift (a mean far from zero
-           against the spread, where subtracting it first is what keeps the output exact) stays. */
-        const int fold = s->B == 1 && fabs((double)group_shift) * rstd <= 1.0;
+        const int fold = folds_shift(s, group_shift, rstd);
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double scale = gamma ? rstd * gamma[c] : rstd;
             const double centre = fold ? mean + group_shift : mean;
@@ -677,9 +682,8 @@ static void backward_coefficients(const split *s, const void *args, i64 k, i64 c
         }
         mg /= n;
         mgx /= n;
-        /* a shift within one standard deviation of zero folded into m0, as in forward_coefficients */
         const double shift = b->shift[k * C + g * cg];
-        const int fold = s->B == 1 && fabs(shift) * r <= 1.0;
+        const int fold = folds_shift(s, shift, r); /* then folded into m0 */
         for (i64 c = g * cg; c < (g + 1) * cg; c++) {
             const double gc = b->gamma ? b->gamma[c] : 1.0;
             float *cf = b->coef + k * C * COEFS + c;
